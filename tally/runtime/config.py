@@ -1,0 +1,109 @@
+"""Typed settings read once from the environment (twelve-factor).
+
+Every process builds one `Settings` at start-up and passes it down; nothing else reads
+`os.environ`. Secrets are `SecretStr`, so they never print in logs or reprs.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import cached_property
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceName(StrEnum):
+    INGEST = "ingest"
+    ANALYTICS = "analytics"
+    BUDGET = "budget"
+    REPORTING = "reporting"
+
+
+DEFAULT_GRPC_PORTS: dict[ServiceName, int] = {
+    ServiceName.INGEST: 50051,
+    ServiceName.ANALYTICS: 50052,
+    ServiceName.BUDGET: 50053,
+    ServiceName.REPORTING: 50054,
+}
+DEFAULT_METRICS_PORTS: dict[ServiceName, int] = {
+    ServiceName.INGEST: 9151,
+    ServiceName.ANALYTICS: 9152,
+    ServiceName.BUDGET: 9153,
+    ServiceName.REPORTING: 9154,
+}
+
+
+class Settings(BaseSettings):
+    """All configuration of the suite. Field `x_y` is read from the variable `X_Y`."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- security
+    admin_master_key: SecretStr = Field(description="Bootstrap admin key; clients send `Authorization: Bearer <key>`.")
+
+    # --- storage
+    database_url: str = Field(
+        "postgresql://tally@127.0.0.1:55432/tally",
+        description="PostgreSQL (with TimescaleDB) connection URL, without the password.",
+    )
+    database_password: SecretStr | None = Field(None, description="PostgreSQL password, kept out of the URL.")
+    database_pool_min: int = Field(2, ge=1, description="Minimum connections per service process.")
+    database_pool_max: int = Field(16, ge=1, description="Maximum connections per service process.")
+    migrate_on_start: bool = Field(True, description="Apply pending SQL migrations when a service starts.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:56379/0", description="Redis URL (a seed node when REDIS_CLUSTER is set)."
+    )
+    redis_cluster: bool = Field(False, description="Talk to a Redis Cluster instead of a single Redis.")
+
+    # --- network: where each service listens and where the others find it
+    grpc_bind_host: str = Field("127.0.0.1", description="Interface the gRPC servers bind.")
+    metrics_bind_host: str = Field("127.0.0.1", description="Interface the Prometheus endpoints bind.")
+    ingest_address: str = Field("127.0.0.1:50051", description="host:port of the ingest service.")
+    analytics_address: str = Field("127.0.0.1:50052", description="host:port of the analytics service.")
+    budget_address: str = Field("127.0.0.1:50053", description="host:port of the budget service.")
+    reporting_address: str = Field("127.0.0.1:50054", description="host:port of the reporting service.")
+    ingest_metrics_port: int = Field(9151, description="Prometheus port of the ingest service.")
+    analytics_metrics_port: int = Field(9152, description="Prometheus port of the analytics service.")
+    budget_metrics_port: int = Field(9153, description="Prometheus port of the budget service.")
+    reporting_metrics_port: int = Field(9154, description="Prometheus port of the reporting service.")
+    gateway_host: str = Field("127.0.0.1", description="Interface Envoy listens on.")
+    gateway_port: int = Field(5002, description="Port of the REST admin API (Envoy).")
+    gateway_admin_port: int = Field(9901, description="Envoy admin port (always bound to loopback).")
+
+    # --- behaviour
+    shutdown_grace_seconds: float = Field(10.0, gt=0, description="How long in-flight RPCs may run after SIGTERM.")
+    default_statement_timeout_ms: int = Field(
+        30_000, gt=0, description="SQL statement timeout for calls that carry no deadline."
+    )
+    timezone: str = Field("UTC", description="IANA timezone for budget periods, reports and time-of-day buckets.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    @cached_property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def address_of(self, service: ServiceName) -> str:
+        return str(getattr(self, f"{service.value}_address"))
+
+    def grpc_port_of(self, service: ServiceName) -> int:
+        return int(self.address_of(service).rsplit(":", 1)[1])
+
+    def metrics_port_of(self, service: ServiceName) -> int:
+        return int(getattr(self, f"{service.value}_metrics_port"))
+
+
+def load_settings() -> Settings:
+    """Builds the process's settings from the environment (call once, at start-up)."""
+    return Settings()  # admin_master_key (required) comes from the environment

@@ -1,0 +1,73 @@
+"""The PostgreSQL pool (psycopg 3, async) and transactions bounded by the call's deadline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from tally.runtime import context
+from tally.runtime.config import Settings
+from tally.runtime.errors import DeadlineExceeded
+
+# Below this many milliseconds a statement cannot usefully start.
+_MIN_STATEMENT_MS = 5
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"application_name": "tally"}
+    if settings.database_password is not None:
+        kwargs["password"] = settings.database_password.get_secret_value()
+    return kwargs
+
+
+class Database:
+    """One pool per process. `transaction()` sets `statement_timeout` from the call's deadline."""
+
+    def __init__(self, settings: Settings, *, min_size: int | None = None, max_size: int | None = None) -> None:
+        self._default_timeout_ms = settings.default_statement_timeout_ms
+        self.pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            settings.database_url,
+            kwargs=connection_kwargs(settings),
+            min_size=min_size or settings.database_pool_min,
+            max_size=max_size or settings.database_pool_max,
+            open=False,
+            name="tally",
+        )
+
+    async def open(self, wait_seconds: float = 30.0) -> None:
+        await self.pool.open(wait=True, timeout=wait_seconds)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def _timeout_ms(self) -> int:
+        remaining = context.seconds_remaining()
+        if remaining is None:
+            return self._default_timeout_ms
+        ms = int(remaining * 1000)
+        if ms < _MIN_STATEMENT_MS:
+            raise DeadlineExceeded("the call's deadline expired before its query could start")
+        return min(ms, self._default_timeout_ms)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """A connection inside a transaction whose statements stop at the call's deadline."""
+        timeout_ms = self._timeout_ms()
+        async with self.pool.connection(timeout=timeout_ms / 1000) as conn, conn.transaction():
+            await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),))
+            yield conn
+
+    async def fetch_all(self, query: str, params: Any = None) -> list[dict[str, Any]]:
+        async with self.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query, params)
+            return await cur.fetchall()
+
+    async def fetch_one(self, query: str, params: Any = None) -> dict[str, Any] | None:
+        async with self.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query, params)
+            return await cur.fetchone()

@@ -1,0 +1,173 @@
+"""The REST admin API through the real Envoy: auth, envelopes, error bodies, routing."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tests.conftest import Stack
+
+
+def test_pipeline_health_reports_real_dependencies(stack: Stack) -> None:
+    with stack.http() as client:
+        response = client.get("/api/admin/analytics/pipeline-health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["success"] is True
+    data = body["data"]
+    assert data["status"] == "healthy"
+    components = data["components"]
+    assert set(components) == {"postgres", "timescaledb", "redis", "ingest", "analytics", "budget", "reporting"}
+    assert all(c["status"] == "up" for c in components.values())
+    assert components["postgres"]["version"].startswith("15.")
+    assert components["timescaledb"]["version"].startswith("2.")
+    assert "license=apache" in components["timescaledb"]["detail"]
+    assert components["redis"]["version"]
+
+
+def test_pipeline_health_sees_a_stopped_redis(stack: Stack) -> None:
+    """Reachability is probed for real: with Redis down the answer degrades."""
+    stack.redis.stop()
+    try:
+        with stack.http() as client:
+            data = client.get("/api/admin/analytics/pipeline-health").json()["data"]
+        assert data["components"]["redis"]["status"] == "down"
+        assert data["status"] == "degraded"
+    finally:
+        stack.redis.start()
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Bearer", "Basic dGFsbHk6eA==", "{key}"])
+def test_missing_or_wrong_key_is_401_json(stack: Stack, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization.format(key=stack.key)}
+    with stack.http(key=None) as client:
+        response = client.get("/api/admin/analytics/pipeline-health", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()
+    assert error["success"] is False
+    assert error["error"]["status"] == "UNAUTHENTICATED"
+    assert error["error"]["httpStatus"] == 401
+    assert "Bearer" in error["error"]["message"]
+    assert stack.key not in response.text
+
+
+def test_bearer_scheme_is_case_insensitive(stack: Stack) -> None:
+    with stack.http(key=None) as client:
+        response = client.get("/api/admin/analytics/pipeline-health", headers={"Authorization": f"bearer {stack.key}"})
+    assert response.status_code == 200
+
+
+def test_field_violation_is_400_naming_the_field(stack: Stack) -> None:
+    with stack.http() as client:
+        response = client.put("/api/admin/virtual-keys/not-a-uuid", json={"keyName": "x"})
+        blank = client.put(f"/api/admin/virtual-keys/{uuid.uuid4()}", json={"keyName": "  "})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["status"] == "INVALID_ARGUMENT"
+    bad_request = next(d for d in error["details"] if d["@type"].endswith("google.rpc.BadRequest"))
+    assert [(v["field"], v["description"]) for v in bad_request["fieldViolations"]] == [
+        ("keyId", "must be a UUID, got 'not-a-uuid'")
+    ]
+    assert blank.status_code == 400
+    assert "keyName" in blank.json()["error"]["message"]
+
+
+def test_virtual_key_round_trip_and_not_found(stack: Stack) -> None:
+    key_id = str(uuid.uuid4())
+    with stack.http() as client:
+        missing = client.get(f"/api/admin/virtual-keys/{key_id}")
+        created = client.put(f"/api/admin/virtual-keys/{key_id}", json={"keyName": "Production API Key"})
+        fetched = client.get(f"/api/admin/virtual-keys/{key_id}")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["status"] == "NOT_FOUND"
+    assert created.status_code == 200
+    assert fetched.json() == created.json()
+    data = fetched.json()["data"]
+    assert data["keyId"] == key_id
+    assert data["keyName"] == "Production API Key"
+    assert data["enabled"] is True
+    assert data["isTest"] is False  # zero values are printed, not dropped
+
+
+def test_virtual_keys_paginate(stack: Stack) -> None:
+    with stack.http() as client:
+        for index in range(5):
+            client.put(f"/api/admin/virtual-keys/{uuid.uuid4()}", json={"keyName": f"page-test-{index}"})
+        seen: list[str] = []
+        token = ""
+        while True:
+            params: dict[str, str | int] = {"pageSize": 2}
+            if token:
+                params["pageToken"] = token
+            page = client.get("/api/admin/virtual-keys", params=params).json()["data"]
+            seen += [k["keyName"] for k in page["keys"]]
+            token = page["nextPageToken"]
+            if not token:
+                break
+        bad = client.get("/api/admin/virtual-keys", params={"pageToken": "%%%"})
+    assert [n for n in seen if n.startswith("page-test-")] == [f"page-test-{i}" for i in range(5)]
+    assert seen == sorted(seen)
+    assert bad.status_code == 400
+
+
+def test_unknown_route_is_404_json(stack: Stack) -> None:
+    with stack.http() as client:
+        response = client.get("/api/admin/no/such/route")
+        wrong_verb = client.delete("/api/admin/budgets/status")
+    for r in (response, wrong_verb):
+        assert r.status_code == 404
+        assert r.json()["success"] is False
+        assert r.json()["error"]["httpStatus"] == 404
+
+
+def test_unknown_query_parameter_is_400_naming_it(stack: Stack) -> None:
+    with stack.http() as client:
+        response = client.get("/api/admin/analytics/usage/trends", params={"period": "7d", "colour": "blue"})
+    assert response.status_code == 400
+    error = response.json()
+    assert error["success"] is False
+    assert "colour" in error["error"]["message"]
+
+
+def test_malformed_json_body_is_400(stack: Stack) -> None:
+    with stack.http() as client:
+        response = client.put(
+            f"/api/admin/virtual-keys/{uuid.uuid4()}",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == 400
+    assert response.json()["success"] is False
+
+
+def test_unimplemented_route_is_501_json(stack: Stack) -> None:
+    with stack.http() as client:
+        response = client.get("/api/admin/budgets/status")
+    assert response.status_code == 501
+    error = response.json()["error"]
+    assert error["status"] == "UNIMPLEMENTED"
+    assert "not implemented yet" in error["message"]
+
+
+def test_openapi_document_is_served(stack: Stack) -> None:
+    with stack.http(key=None) as client:
+        response = client.get("/api/admin/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.")
+    assert "get" in document["paths"]["/api/admin/analytics/usage/live"]
+    assert "post" in document["paths"]["/api/admin/virtual-keys/compare"]
+    params = {p["name"] for p in document["paths"]["/api/admin/analytics/usage/trends"]["get"]["parameters"]}
+    assert {"period", "granularity"} <= params
+
+
+def test_correlation_id_is_logged(stack: Stack) -> None:
+    correlation_id = f"test-{uuid.uuid4().hex}"
+    with stack.http() as client:
+        client.get("/api/admin/analytics/pipeline-health", headers={"x-correlation-id": correlation_id})
+    lines = [json.loads(line) for line in stack.log_text("analytics").splitlines() if correlation_id in line]
+    assert lines, "no log line carried the correlation id"
+    assert all(line["correlationId"] == correlation_id for line in lines)
