@@ -81,6 +81,24 @@ class Settings(BaseSettings):
     timezone: str = Field("UTC", description="IANA timezone for budget periods, reports and time-of-day buckets.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
+    # --- ingest
+    end_user_hash_key: SecretStr | None = Field(
+        None, description="Secret for the keyed hash (HMAC-SHA256) that replaces end-user ids at ingest; required."
+    )
+    ingest_late_window_seconds: int = Field(
+        7 * 86400, gt=0, description="Events older than this are rejected; younger late events are accepted."
+    )
+    ingest_future_skew_seconds: int = Field(
+        300, ge=0, description="Events up to this far in the future (clock skew) are accepted."
+    )
+    ingest_late_threshold_seconds: int = Field(
+        300, ge=0, description="An event arriving this long after its event time counts as late."
+    )
+    ingest_max_batch: int = Field(10_000, gt=0, description="Largest batch accepted by one call.")
+    ingest_price_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often an ingest process reloads prices changed by another replica."
+    )
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:

@@ -285,6 +285,60 @@ class SettleResponse(_message.Message):
 Global___SettleResponse: _TypeAlias = SettleResponse  # noqa: Y015
 
 @_typing.final
+class SettleBatchRequest(_message.Message):
+    """Settles many requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleRequest]:
+        """One settle per item."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___SettleRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleBatchRequest: _TypeAlias = SettleBatchRequest  # noqa: Y015
+
+@_typing.final
+class SettleBatchResponse(_message.Message):
+    """Result of a batch settle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLED_FIELD_NUMBER: _builtins.int
+    ALREADY_SETTLED_FIELD_NUMBER: _builtins.int
+    OVERSPEND_MICROS_FIELD_NUMBER: _builtins.int
+    settled: _builtins.int
+    """Items settled now."""
+    already_settled: _builtins.int
+    """Items that had been settled before."""
+    overspend_micros: _builtins.int
+    """Sum of overspend over the items, micro-units."""
+    def __init__(
+        self,
+        *,
+        settled: _builtins.int = ...,
+        already_settled: _builtins.int = ...,
+        overspend_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_settled", b"already_settled", "overspend_micros", b"overspend_micros", "settled", b"settled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleBatchResponse: _TypeAlias = SettleBatchResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseRequest(_message.Message):
     """Releases a reservation."""
 

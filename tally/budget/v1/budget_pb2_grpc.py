@@ -48,6 +48,11 @@ class BudgetServiceStub:
                 request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleRequest.SerializeToString,
                 response_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.SettleBatch = channel.unary_unary(
+                '/tally.budget.v1.BudgetService/SettleBatch',
+                request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleBatchRequest.SerializeToString,
+                response_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleBatchResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/tally.budget.v1.BudgetService/Release',
                 request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
@@ -143,6 +148,14 @@ class BudgetServiceServicer:
 
     def Settle(self, request, context):
         """Replaces a reservation by the request's actual cost (called by ingest when usage lands).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleBatch(self, request, context):
+        """Settles many requests at once (ingest hands over each committed batch this way). Each item is
+        idempotent per request_id, exactly like Settle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,6 +278,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleRequest.FromString,
                     response_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleResponse.SerializeToString,
+            ),
+            'SettleBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleBatch,
+                    request_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleBatchRequest.FromString,
+                    response_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.SettleBatchResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -400,6 +418,33 @@ class BudgetService:
             '/tally.budget.v1.BudgetService/Settle',
             tally_dot_budget_dot_v1_dot_budget__pb2.SettleRequest.SerializeToString,
             tally_dot_budget_dot_v1_dot_budget__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.budget.v1.BudgetService/SettleBatch',
+            tally_dot_budget_dot_v1_dot_budget__pb2.SettleBatchRequest.SerializeToString,
+            tally_dot_budget_dot_v1_dot_budget__pb2.SettleBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class BudgetServiceStub:
     """
     Settle: _grpc.UnaryUnaryMultiCallable[_budget_pb2.SettleRequest, _budget_pb2.SettleResponse]
     """Replaces a reservation by the request's actual cost (called by ingest when usage lands)."""
+    SettleBatch: _grpc.UnaryUnaryMultiCallable[_budget_pb2.SettleBatchRequest, _budget_pb2.SettleBatchResponse]
+    """Settles many requests at once (ingest hands over each committed batch this way). Each item is
+    idempotent per request_id, exactly like Settle.
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]
     """Gives back a reservation whose request did not happen."""
     WatchBudgetEvents: _grpc.UnaryStreamMultiCallable[_budget_pb2.WatchBudgetEventsRequest, _budget_pb2.WatchBudgetEventsResponse]
@@ -91,6 +95,10 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     Settle: _aio.UnaryUnaryMultiCallable[_budget_pb2.SettleRequest, _budget_pb2.SettleResponse]  # type: ignore[assignment]
     """Replaces a reservation by the request's actual cost (called by ingest when usage lands)."""
+    SettleBatch: _aio.UnaryUnaryMultiCallable[_budget_pb2.SettleBatchRequest, _budget_pb2.SettleBatchResponse]  # type: ignore[assignment]
+    """Settles many requests at once (ingest hands over each committed batch this way). Each item is
+    idempotent per request_id, exactly like Settle.
+    """
     Release: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Gives back a reservation whose request did not happen."""
     WatchBudgetEvents: _aio.UnaryStreamMultiCallable[_budget_pb2.WatchBudgetEventsRequest, _budget_pb2.WatchBudgetEventsResponse]  # type: ignore[assignment]
@@ -147,6 +155,16 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.SettleResponse, _abc.Awaitable[_budget_pb2.SettleResponse]]:
         """Replaces a reservation by the request's actual cost (called by ingest when usage lands)."""
+
+    @_abc_1.abstractmethod
+    def SettleBatch(
+        self,
+        request: _budget_pb2.SettleBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.SettleBatchResponse, _abc.Awaitable[_budget_pb2.SettleBatchResponse]]:
+        """Settles many requests at once (ingest hands over each committed batch this way). Each item is
+        idempotent per request_id, exactly like Settle.
+        """
 
     @_abc_1.abstractmethod
     def Release(
