@@ -339,6 +339,7 @@ def run(argv: list[str]) -> int:
     env = dict(os.environ)
     key = env.get("ADMIN_MASTER_KEY") or _read_or_create_secret(args.data_dir / "master-key")
     env["ADMIN_MASTER_KEY"] = key
+    env.setdefault("END_USER_HASH_KEY", _read_or_create_secret(args.data_dir / "end-user-hash-key", 32))
     stop_requested = False
 
     def request_stop(_signum: int, _frame: object) -> None:

@@ -68,6 +68,7 @@ def stack_env(key: str) -> dict[str, str]:
     env.update(
         {
             "ADMIN_MASTER_KEY": key,
+            "END_USER_HASH_KEY": secrets.token_urlsafe(32),
             "LOG_LEVEL": "INFO",
             "GATEWAY_PORT": str(free_port()),
             "GATEWAY_ADMIN_PORT": str(free_port()),
@@ -93,6 +94,8 @@ def infra() -> Iterator[tuple[Postgres, Redis, Path]]:
     finally:
         redis.stop()
         postgres.stop()
+        if keep := os.environ.get("TALLY_TEST_LOGS"):  # keep service logs for debugging
+            shutil.copytree(root / "logs", Path(keep), dirs_exist_ok=True)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,27 +1,218 @@
-"""Wires the ingest service: its servicer and the resources it uses."""
+"""Wires the ingest service: validation, pricing, the store and the after-commit work."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 
+import grpc
+
+from services.ingest.aftercommit import AfterCommit, Outcome
+from services.ingest.events import IngestPolicy, Rejected, ValidEvent, validate
+from services.ingest.prices import PriceRepository, PriceRowError, parse_csv, parse_price
+from services.ingest.status import ingestion_status
+from services.ingest.store import UsageStore, prepare_connection
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from tally.runtime.clients import service_channel
+from tally.runtime.config import ServiceName
+from tally.runtime.db import Database
+from tally.runtime.errors import FailedPrecondition, InvalidArgument
 from tally.runtime.server import Registration, Resources
+from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size
+
+
+class Ingestor:
+    """Validates, prices and stores batches; the one path shared by every ingest RPC."""
+
+    def __init__(
+        self, store: UsageStore, prices: PriceRepository, policy: IngestPolicy, after: AfterCommit, max_batch: int
+    ) -> None:
+        self._store = store
+        self._prices = prices
+        self._policy = policy
+        self._after = after
+        self._max_batch = max_batch
+
+    async def record(self, events: Sequence[ingest_pb2.UsageEvent]) -> ingest_pb2.RecordUsageBatchResult:
+        if len(events) > self._max_batch:
+            raise InvalidArgument.field("events", f"at most {self._max_batch} events per batch, got {len(events)}")
+        now = datetime.now(UTC)
+        book = self._prices.book
+        results = [ingest_pb2.UsageEventResult(index=i, request_id=e.request_id) for i, e in enumerate(events)]
+        candidates: list[tuple[int, ValidEvent]] = []
+        rejected = 0
+        for index, event in enumerate(events):
+            try:
+                candidates.append((index, validate(event, now, self._policy, book)))
+            except Rejected as exc:
+                rejected += 1
+                result = results[index]
+                result.status, result.reason, result.field = "rejected", exc.reason, exc.field
+        inserted = await self._store.write([v for _, v in candidates])
+        accepted: list[ValidEvent] = []
+        seen: set[tuple[str, datetime]] = set()
+        for index, valid in candidates:
+            identity = valid.identity
+            if identity in inserted and identity not in seen:
+                seen.add(identity)
+                accepted.append(valid)
+                results[index].status = "accepted"
+            else:
+                results[index].status = "duplicate"
+                results[index].reason = "an event with this requestId and eventTime is already recorded"
+        duplicate = len(candidates) - len(accepted)
+        self._after.submit(Outcome(accepted, duplicate, rejected))
+        return ingest_pb2.RecordUsageBatchResult(
+            accepted=len(accepted), duplicate=duplicate, rejected=rejected, results=results
+        )
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """RPCs not overridden here answer UNIMPLEMENTED until their issue lands."""
 
-    def __init__(self, resources: Resources) -> None:
+    def __init__(self, resources: Resources, ingestor: Ingestor, prices: PriceRepository, after: AfterCommit) -> None:
         self._resources = resources
+        self._ingestor = ingestor
+        self._prices = prices
+        self._after = after
+
+    async def RecordUsage(
+        self, request: ingest_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.RecordUsageResponse:
+        if not request.HasField("event"):
+            raise InvalidArgument.field("event", "required")
+        outcome = await self._ingestor.record([request.event])
+        result = outcome.results[0]
+        if result.status == "rejected":
+            raise InvalidArgument.field(f"event.{result.field}", result.reason)
+        return ingest_pb2.RecordUsageResponse(result=result)
+
+    async def RecordUsageBatch(
+        self, request: ingest_pb2.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.RecordUsageBatchResponse:
+        return ingest_pb2.RecordUsageBatchResponse(success=True, data=await self._ingestor.record(request.events))
+
+    async def StreamUsage(
+        self, request_iterator: AsyncIterator[ingest_pb2.StreamUsageRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.StreamUsageResponse]:
+        async for batch in request_iterator:
+            if not batch.batch_id:
+                raise InvalidArgument.field("batchId", "required (acknowledgements are matched by it)")
+            result = await self._ingestor.record(batch.events)
+            yield ingest_pb2.StreamUsageResponse(batch_id=batch.batch_id, result=result)
+
+    async def GetIngestionStatus(
+        self, request: ingest_pb2.GetIngestionStatusRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.GetIngestionStatusResponse:
+        status = await ingestion_status(self._resources.db, self._resources.redis, self._after, time.time())
+        return ingest_pb2.GetIngestionStatusResponse(success=True, data=status)
+
+    async def ListModelPrices(
+        self, request: ingest_pb2.ListModelPricesRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ListModelPricesResponse:
+        size = page_size(request.page_size)
+        position = decode_page_token(request.page_token)
+        after_id = int(position[0]) if position else 0
+        at = request.at.ToDatetime(tzinfo=UTC) if request.HasField("at") else None
+        prices = await self._prices.page(request.provider, request.model, at, size + 1, after_id)
+        page = ingest_pb2.ModelPricePage(prices=prices[:size])
+        if len(prices) > size:
+            page.next_page_token = encode_page_token([int(prices[size - 1].price_id)])
+        return ingest_pb2.ListModelPricesResponse(success=True, data=page)
+
+    async def UpsertModelPrice(
+        self, request: ingest_pb2.UpsertModelPriceRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.UpsertModelPriceResponse:
+        if not request.HasField("price"):
+            raise InvalidArgument.field("price", "required")
+        try:
+            item = parse_price(request.price)
+        except PriceRowError as exc:
+            raise InvalidArgument.field(exc.field, exc.reason) from None
+        return ingest_pb2.UpsertModelPriceResponse(success=True, data=await self._prices.upsert(item))
+
+    async def DeleteModelPrice(
+        self, request: ingest_pb2.DeleteModelPriceRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.DeleteModelPriceResponse:
+        if not request.price_id.isdigit():
+            raise InvalidArgument.field("priceId", "must be the numeric id of a price")
+        return ingest_pb2.DeleteModelPriceResponse(success=True, data=await self._prices.delete(int(request.price_id)))
+
+    async def ImportModelPrices(
+        self, request: ingest_pb2.ImportModelPricesRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ImportModelPricesResponse:
+        violations = Violations()
+        if request.format == "csv":
+            if request.prices:
+                violations.add("prices", "must be empty when format is csv")
+            if not request.csv.strip():
+                violations.add("csv", "required when format is csv")
+        elif request.format == "json":
+            if request.csv:
+                violations.add("csv", "must be empty when format is json")
+            if not request.prices:
+                violations.add("prices", "required when format is json")
+        else:
+            violations.add("format", "must be 'json' or 'csv'")
+        violations.raise_if_any()
+        rows: list[tuple[int, ingest_pb2.ModelPrice | PriceRowError]] = (
+            parse_csv(request.csv) if request.format == "csv" else list(enumerate(request.prices, start=1))
+        )
+        result = ingest_pb2.ImportModelPricesResult()
+        valid = []
+        for number, row in rows:
+            if isinstance(row, PriceRowError):
+                result.errors.add(row=number, field=row.field, reason=row.reason)
+                continue
+            try:
+                valid.append((number, parse_price(row, prefix="")))
+            except PriceRowError as exc:
+                result.errors.add(row=number, field=exc.field, reason=exc.reason)
+        result.rejected = len(result.errors)
+        if valid:
+            result.imported, result.updated = await self._prices.import_prices(valid)
+        return ingest_pb2.ImportModelPricesResponse(success=True, data=result)
 
 
 async def build(resources: Resources) -> Sequence[Registration]:
+    settings = resources.settings
+    if settings.end_user_hash_key is None:
+        raise FailedPrecondition("END_USER_HASH_KEY must be set: end-user ids are hashed with it at ingest")
+    # The store needs session temp tables on every connection, so ingest uses its own pool.
+    await resources.db.close()
+    resources.db = Database(settings, configure=prepare_connection)
+    await resources.db.open()
+    prices = PriceRepository(resources.db)
+    await prices.seed_defaults()
+    await prices.reload()
+    refresher = asyncio.create_task(prices.refresh_forever(settings.ingest_price_refresh_seconds))
+    budget_channel = service_channel(settings.address_of(ServiceName.BUDGET))
+    after = AfterCommit(resources.redis, budget_channel, settings.admin_master_key, settings.zone)
+    after.start()
+
+    async def close() -> None:
+        refresher.cancel()
+        await after.stop()
+        await budget_channel.close()
+
+    resources.closers.append(close)
+    policy = IngestPolicy(
+        late_window=timedelta(seconds=settings.ingest_late_window_seconds),
+        future_skew=timedelta(seconds=settings.ingest_future_skew_seconds),
+        late_threshold=timedelta(seconds=settings.ingest_late_threshold_seconds),
+        end_user_key=settings.end_user_hash_key.get_secret_value().encode(),
+    )
+    store = UsageStore(resources.db, settings.ingest_late_threshold_seconds)
+    ingestor = Ingestor(store, prices, policy, after, settings.ingest_max_batch)
     return [
         Registration(
             # Until their issues land, unimplemented RPCs fall through to the generated base,
             # which answers UNIMPLEMENTED; mypy sees them as abstract.
-            IngestServicer(resources),  # type: ignore[abstract]
+            IngestServicer(resources, ingestor, prices, after),  # type: ignore[abstract]
             ingest_pb2_grpc.add_IngestServiceServicer_to_server,
             ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+            quiet_methods=frozenset({"RecordUsage", "RecordUsageBatch", "StreamUsage"}),
         )
     ]

@@ -99,6 +99,70 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often an ingest process reloads prices changed by another replica."
     )
 
+    # --- budget
+    budget_failure_policy: Literal["open", "closed"] = Field(
+        "closed", description="Authorize answer when Redis is unreachable: `open` admits, `closed` denies."
+    )
+    budget_redis_timeout_ms: int = Field(
+        250, gt=0, description="Longest wait for Redis on the request path (also bounded by the caller's deadline)."
+    )
+    budget_reservation_ttl_seconds: float = Field(
+        300.0, gt=0, description="A reservation not settled or released within this time lapses and is given back."
+    )
+    budget_settled_ttl_seconds: int = Field(
+        8 * 86400, gt=0, description="How long a settled request id is remembered (Settle idempotency)."
+    )
+    budget_counter_retention_seconds: int = Field(
+        40 * 86400, gt=0, description="How long Redis keeps a closed period's counters after the period ends."
+    )
+    budget_event_stream_maxlen: int = Field(
+        100_000, gt=0, description="Approximate number of enforcement events the Redis stream retains."
+    )
+    budget_reconcile_on_start: bool = Field(
+        True, description="Rebuild the Redis budget counters from TimescaleDB when the budget service starts."
+    )
+    budget_drift_check_seconds: float = Field(
+        60.0, gt=0, description="How often the Redis-vs-database drift gauge is refreshed."
+    )
+    budget_spike_check_seconds: float = Field(
+        60.0, gt=0, description="How often cost-spike detection runs."
+    )
+    budget_spike_trailing_windows: int = Field(
+        24, gt=0, description="Windows before the current one whose average spend is the spike baseline."
+    )
+    budget_maintenance_seconds: float = Field(
+        30.0, gt=0, description="How often lapsed reservations are swept and closed periods are recorded."
+    )
+    notify_webhook_url: str = Field("", description="Webhook URL for budget alert actions (empty: not sent).")
+    notify_webhook_secret: SecretStr | None = Field(
+        None, description="Standard Webhooks signing secret (`whsec_<base64>` or raw text)."
+    )
+    notify_webhook_bearer_token: SecretStr | None = Field(
+        None, description="Optional bearer token sent with webhook deliveries."
+    )
+    notify_slack_webhook_url: str = Field("", description="Slack incoming-webhook URL (empty: not sent).")
+    notify_pagerduty_events_url: str = Field("", description="PagerDuty Events API v2 URL (empty: not sent).")
+    notify_pagerduty_routing_key: SecretStr | None = Field(None, description="PagerDuty integration routing key.")
+    notify_email_recipients: str = Field(
+        "", description="Comma-separated recipients of email actions that name none (key alerts, cost spikes)."
+    )
+    notify_max_attempts: int = Field(8, gt=0, description="Delivery attempts before a notification is dead-lettered.")
+    notify_backoff_base_seconds: float = Field(
+        2.0, gt=0, description="First retry delay; doubles per attempt (with jitter)."
+    )
+    notify_backoff_max_seconds: float = Field(600.0, gt=0, description="Longest delay between two attempts.")
+    notify_poll_seconds: float = Field(1.0, gt=0, description="How often a delivery worker looks for due notifications.")
+    notify_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one delivery attempt (HTTP or SMTP).")
+    notify_lease_seconds: float = Field(
+        120.0, gt=0, description="A claimed notification whose worker died is retried after this long."
+    )
+    smtp_host: str = Field("127.0.0.1", description="SMTP server for email notifications.")
+    smtp_port: int = Field(1025, gt=0, description="SMTP port.")
+    smtp_username: str = Field("", description="SMTP user (empty: no login).")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
+    smtp_starttls: bool = Field(False, description="Upgrade the SMTP connection with STARTTLS.")
+    smtp_from: str = Field("tally@localhost", description="Sender address of notification emails.")
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,7 +28,15 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
 class Database:
     """One pool per process. `transaction()` sets `statement_timeout` from the call's deadline."""
 
-    def __init__(self, settings: Settings, *, min_size: int | None = None, max_size: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        configure: Callable[[AsyncConnection[Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        """`configure` runs once on each new connection (e.g. to create session temp tables)."""
         self._default_timeout_ms = settings.default_statement_timeout_ms
         self.pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             settings.database_url,
@@ -37,6 +45,7 @@ class Database:
             max_size=max_size or settings.database_pool_max,
             open=False,
             name="tally",
+            configure=configure,
         )
 
     async def open(self, wait_seconds: float = 30.0) -> None:

@@ -115,7 +115,7 @@ async def serve(
     for close in reversed(resources.closers):
         await close()
     await resources.redis.aclose()
-    await db.close()
+    await resources.db.close()
     log.info("stopped")
 
 

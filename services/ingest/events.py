@@ -1,0 +1,210 @@
+"""Validation of usage events and their conversion into `usage_events` rows.
+
+Each event is judged on its own: a bad item is rejected with the field and the reason, and
+never sinks the rest of its batch. Accepted events are priced here (see pricing.py) and their
+end-user id is replaced by a keyed hash, so the raw id never reaches storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from services.ingest.pricing import PriceBook, cost_micros
+from tally.ingest.v1 import ingest_pb2
+
+MAX_ID_LENGTH = 200
+MAX_NAME_LENGTH = 120
+MAX_TAGS = 32
+MAX_TAG_KEY = 64
+MAX_TAG_VALUE = 256
+MAX_COUNT = 10**12
+# An operation is dotted lower-case words: chat.completions, audio.speech, batch.embeddings.
+OPERATION = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*){0,3}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+SMALL_INPUT_TOKENS = 1000
+
+# Column order of the rows below; also the COPY column list.
+COLUMNS: tuple[str, ...] = (
+    "event_time", "request_id", "key_id", "provider", "model", "operation",
+    "input_tokens", "output_tokens", "cached_read_tokens", "cache_write_tokens", "reasoning_tokens",
+    "images", "audio_seconds", "latency_ms", "ttft_ms", "http_status", "error_type", "streaming",
+    "tools_used", "end_user_hash", "prompt_fingerprint", "cost_micros", "cost_source", "price_id", "tags",
+)  # fmt: skip
+COPY_TYPES: tuple[str, ...] = (
+    "timestamptz", "text", "uuid", "text", "text", "text",
+    "int8", "int8", "int8", "int8", "int8",
+    "int4", "numeric", "int4", "int4", "int2", "text", "bool",
+    "bool", "text", "text", "int8", "text", "int8", "jsonb",
+)  # fmt: skip
+
+
+class Rejected(Exception):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ValidEvent:
+    """An accepted event: its storage row plus what the after-commit steps need."""
+
+    row: tuple[Any, ...]
+    request_id: str
+    event_time: datetime
+    key_id: uuid.UUID
+    provider: str
+    model: str
+    tokens: int
+    cost_micros: int | None
+    unpriced: bool
+    late: bool
+
+    @property
+    def identity(self) -> tuple[str, datetime]:
+        return self.request_id, self.event_time
+
+
+@dataclass(frozen=True)
+class IngestPolicy:
+    late_window: timedelta
+    future_skew: timedelta
+    late_threshold: timedelta
+    end_user_key: bytes
+
+
+def _count(value: int, field: str) -> int:
+    if value < 0:
+        raise Rejected(field, "must not be negative")
+    if value > MAX_COUNT:
+        raise Rejected(field, f"must be at most {MAX_COUNT}")
+    return value
+
+
+def _name(value: str, field: str) -> str:
+    if not value:
+        raise Rejected(field, "required")
+    if len(value) > MAX_NAME_LENGTH or not NAME.match(value):
+        raise Rejected(field, f"must be 1-{MAX_NAME_LENGTH} characters of letters, digits and ._:/@+-")
+    return value
+
+
+def hash_end_user(key: bytes, end_user_id: str) -> str:
+    return hmac.new(key, end_user_id.encode(), hashlib.sha256).hexdigest()
+
+
+def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, prices: PriceBook) -> ValidEvent:
+    """Checks one event and builds its row; raises Rejected naming the (camelCase) field."""
+    request_id = event.request_id
+    if not request_id:
+        raise Rejected("requestId", "required")
+    if len(request_id) > MAX_ID_LENGTH:
+        raise Rejected("requestId", f"must be at most {MAX_ID_LENGTH} characters")
+    if not event.HasField("event_time"):
+        raise Rejected("eventTime", "required (a retry must carry the original event time)")
+    event_time = event.event_time.ToDatetime(tzinfo=UTC)
+    if event_time > now + policy.future_skew:
+        raise Rejected("eventTime", f"is in the future beyond the allowed skew of {policy.future_skew}")
+    if event_time < now - policy.late_window:
+        raise Rejected("eventTime", f"is older than the late window of {policy.late_window}")
+    if not event.virtual_key_id:
+        raise Rejected("virtualKeyId", "required")
+    try:
+        key_id = uuid.UUID(event.virtual_key_id)
+    except ValueError:
+        raise Rejected("virtualKeyId", "must be a UUID") from None
+    provider = _name(event.provider, "provider")
+    model = _name(event.model, "model")
+    operation = event.operation
+    if not operation:
+        raise Rejected("operation", "required")
+    if len(operation) > 64 or not OPERATION.match(operation):
+        raise Rejected("operation", "must be dotted lower-case words, e.g. chat.completions")
+    input_tokens = _count(event.input_tokens, "inputTokens")
+    output_tokens = _count(event.output_tokens, "outputTokens")
+    cached_read = _count(event.cached_read_tokens, "cachedReadTokens")
+    cache_write = _count(event.cache_write_tokens, "cacheWriteTokens")
+    reasoning = _count(event.reasoning_tokens, "reasoningTokens")
+    images = _count(event.images, "images")
+    if images > 2**31 - 1:
+        raise Rejected("images", "too large")
+    audio_seconds = event.audio_seconds
+    if not math.isfinite(audio_seconds) or audio_seconds < 0:
+        raise Rejected("audioSeconds", "must be a finite non-negative number")
+    audio_ms = round(audio_seconds * 1000)
+    if audio_ms > 10**13:
+        raise Rejected("audioSeconds", "too large")
+    latency_ms = _count(event.latency_ms, "latencyMs")
+    ttft_ms = _count(event.time_to_first_token_ms, "timeToFirstTokenMs")
+    if latency_ms > 2**31 - 1 or ttft_ms > 2**31 - 1:
+        raise Rejected("latencyMs", "too large")
+    http_status = event.http_status or 200
+    if not 100 <= http_status <= 599:
+        raise Rejected("httpStatus", "must be an HTTP status code (100-599)")
+    error_type = event.error_type or None
+    if error_type is not None and len(error_type) > MAX_NAME_LENGTH:
+        raise Rejected("errorType", f"must be at most {MAX_NAME_LENGTH} characters")
+    if len(event.end_user_id) > MAX_ID_LENGTH:
+        raise Rejected("endUserId", f"must be at most {MAX_ID_LENGTH} characters")
+    if len(event.prompt_fingerprint) > 128:
+        raise Rejected("promptFingerprint", "must be at most 128 characters")
+    tags: dict[str, str] | None = None
+    if event.tags:
+        if len(event.tags) > MAX_TAGS:
+            raise Rejected("tags", f"at most {MAX_TAGS} tags")
+        for tag_key, tag_value in event.tags.items():
+            if not tag_key or len(tag_key) > MAX_TAG_KEY or len(tag_value) > MAX_TAG_VALUE:
+                raise Rejected(f"tags.{tag_key[:MAX_TAG_KEY]}", "keys are 1-64 and values at most 256 characters")
+        tags = dict(event.tags)
+
+    price_id: int | None = None
+    if event.HasField("provider_cost_micros"):
+        cost: int | None = _count(event.provider_cost_micros, "providerCostMicros")
+        source = "provider"
+    else:
+        price = prices.lookup(provider, model, event_time)
+        if price is None:
+            cost, source = None, "unpriced"
+        else:
+            cost = cost_micros(
+                price,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cached_read_tokens=cached_read,
+                cache_write_tokens=cache_write,
+                reasoning_tokens=reasoning,
+                images=images,
+                audio_ms=audio_ms,
+            )
+            source, price_id = "computed", price.price_id
+    end_user_hash = hash_end_user(policy.end_user_key, event.end_user_id) if event.end_user_id else None
+    row = (
+        event_time, request_id, key_id, provider, model, operation,
+        input_tokens, output_tokens, cached_read, cache_write, reasoning,
+        images, Decimal(audio_ms).scaleb(-3), latency_ms, ttft_ms if event.time_to_first_token_ms else None,
+        http_status, error_type, event.streaming,
+        event.tools_used, end_user_hash, event.prompt_fingerprint or None, cost, source, price_id,
+        Jsonb(tags) if tags is not None else None,
+    )  # fmt: skip
+    return ValidEvent(
+        row=row,
+        request_id=request_id,
+        event_time=event_time,
+        key_id=key_id,
+        provider=provider,
+        model=model,
+        tokens=input_tokens + output_tokens + cached_read + cache_write + reasoning,
+        cost_micros=cost,
+        unpriced=cost is None,
+        late=now - event_time > policy.late_threshold,
+    )

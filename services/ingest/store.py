@@ -1,0 +1,148 @@
+"""Writes usage batches to TimescaleDB: raw events and their rollups in one transaction.
+
+Per batch: binary COPY into a session temp table, then `INSERT ... SELECT ... ON CONFLICT DO
+NOTHING` into the hypertable (idempotency on (request_id, event_time)), keeping the rows that
+were really inserted; the rollups are updated from exactly those rows, so a replayed event
+changes nothing anywhere. Statements take row locks in a fixed order (sorted keys), so
+concurrent batches cannot deadlock each other; a deadlock from elsewhere is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection, sql
+
+from services.ingest.events import COLUMNS, COPY_TYPES, SMALL_INPUT_TOKENS, ValidEvent
+from tally.runtime.db import Database
+from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
+
+log = logging.getLogger("tally.ingest.store")
+
+_RETRIES = 3
+
+_BOUNDS = "ARRAY[" + ",".join(str(int(b)) for b in UPPER_BOUNDS_MS[:-1]) + "]"
+_SUM_COLUMNS = (
+    "requests", "successes", "failures", "input_tokens", "output_tokens", "cached_read_tokens",
+    "cache_write_tokens", "reasoning_tokens", "images", "audio_seconds", "cost_micros",
+    "provider_cost_requests", "unpriced_requests", "late_requests", "streaming_requests", "tool_requests",
+    "small_input_requests", "small_input_input_tokens", "small_input_output_tokens", "small_input_cost_micros",
+    "latency_ms_sum", "ttft_ms_sum", "ttft_count", *LATENCY_COLUMNS, *TTFT_COLUMNS,
+)  # fmt: skip
+_GROUP = ("key_id", "provider", "model", "operation", "status_class", "error_type")
+
+SETUP_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS ingest_staging (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ingest_inserted (LIKE usage_events) ON COMMIT DELETE ROWS;
+"""
+
+
+def _rollup_sql(table: str, width: str, late_threshold_seconds: int) -> str:
+    small = f"input_tokens < {SMALL_INPUT_TOKENS} AND NOT tools_used"
+    aggregates = [
+        "count(*)",
+        "count(*) FILTER (WHERE http_status < 400)",
+        "count(*) FILTER (WHERE http_status >= 400)",
+        "sum(input_tokens)", "sum(output_tokens)", "sum(cached_read_tokens)", "sum(cache_write_tokens)",
+        "sum(reasoning_tokens)", "sum(images)", "sum(audio_seconds)", "coalesce(sum(cost_micros), 0)",
+        "count(*) FILTER (WHERE cost_source = 'provider')",
+        "count(*) FILTER (WHERE cost_source = 'unpriced')",
+        f"count(*) FILTER (WHERE ingested_at - event_time > make_interval(secs => {late_threshold_seconds}))",
+        "count(*) FILTER (WHERE streaming)",
+        "count(*) FILTER (WHERE tools_used)",
+        f"count(*) FILTER (WHERE {small})",
+        f"coalesce(sum(input_tokens) FILTER (WHERE {small}), 0)",
+        f"coalesce(sum(output_tokens) FILTER (WHERE {small}), 0)",
+        f"coalesce(sum(cost_micros) FILTER (WHERE {small}), 0)",
+        "sum(latency_ms)", "coalesce(sum(ttft_ms), 0)", "count(ttft_ms)",
+        *(f"count(*) FILTER (WHERE lb = {i})" for i in range(len(LATENCY_COLUMNS))),
+        *(f"count(*) FILTER (WHERE tb = {i})" for i in range(len(TTFT_COLUMNS))),
+    ]  # fmt: skip
+    assert len(aggregates) == len(_SUM_COLUMNS)
+    columns = ", ".join(("bucket", *_GROUP, *_SUM_COLUMNS))
+    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in _SUM_COLUMNS)
+    # Built from constants only (no input reaches this text).
+    return f"""
+        INSERT INTO {table} AS r ({columns})
+        SELECT time_bucket('{width}', event_time) AS bucket, key_id, provider, model, operation,
+               (http_status / 100)::text || 'xx' AS status_class, coalesce(error_type, '') AS error_type,
+               {", ".join(aggregates)}
+        FROM (SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb,
+                        width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
+              FROM ingest_inserted) AS s
+        GROUP BY 1, 2, 3, 4, 5, 6, 7
+        ORDER BY 2, 3, 4, 5, 6, 7, 1
+        ON CONFLICT ({", ".join(_GROUP)}, bucket) DO UPDATE SET {updates}
+    """  # noqa: S608
+
+
+_FINGERPRINT_SQL = """
+    INSERT INTO prompt_fingerprint_daily AS r
+        (bucket, prompt_fingerprint, provider, model, requests, input_tokens, cost_micros)
+    SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
+           count(*), sum(input_tokens), coalesce(sum(cost_micros), 0)
+    FROM ingest_inserted WHERE prompt_fingerprint IS NOT NULL
+    GROUP BY 1, 2, 3, 4 ORDER BY 2, 3, 4, 1
+    ON CONFLICT (prompt_fingerprint, provider, model, bucket) DO UPDATE
+    SET requests = r.requests + EXCLUDED.requests, input_tokens = r.input_tokens + EXCLUDED.input_tokens,
+        cost_micros = r.cost_micros + EXCLUDED.cost_micros
+"""
+_REGISTER_KEYS_SQL = """
+    INSERT INTO virtual_keys (key_id, key_name)
+    SELECT k.key_id, k.key_id::text FROM (SELECT DISTINCT key_id FROM ingest_inserted) k ORDER BY k.key_id
+    ON CONFLICT (key_id) DO NOTHING
+"""
+_COLUMN_LIST = ", ".join(COLUMNS)
+_INSERT_SQL = """
+    WITH ins AS (
+        INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY request_id, event_time
+        ON CONFLICT DO NOTHING RETURNING *)
+    INSERT INTO ingest_inserted SELECT * FROM ins
+"""
+
+
+async def prepare_connection(conn: AsyncConnection[Any]) -> None:
+    """Creates the session temp tables once per pooled connection."""
+    await conn.execute(SETUP_SQL)
+    await conn.commit()
+
+
+class UsageStore:
+    def __init__(self, db: Database, late_threshold_seconds: int) -> None:
+        self._db = db
+        self._hourly = _rollup_sql("usage_rollup_hourly", "1 hour", late_threshold_seconds)
+        self._daily = _rollup_sql("usage_rollup_daily", "1 day", late_threshold_seconds)
+
+    async def write(self, events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
+        """Stores the events; returns the identities inserted now (the others were duplicates)."""
+        if not events:
+            return set()
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                return await self._write_once(events)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                if attempt == _RETRIES:
+                    raise
+                log.warning("batch write retried after a lock conflict", extra={"attempt": attempt})
+        raise AssertionError("unreachable")
+
+    async def _write_once(self, events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
+        async with self._db.transaction() as conn, conn.cursor() as cur:
+            copy_sql = sql.SQL("COPY ingest_staging ({}) FROM STDIN (FORMAT BINARY)").format(sql.SQL(_COLUMN_LIST))
+            async with cur.copy(copy_sql) as copy:
+                copy.set_types(list(COPY_TYPES))
+                for event in events:
+                    await copy.write_row(event.row)
+            await cur.execute(_INSERT_SQL)
+            if cur.rowcount == 0:
+                return set()
+            await cur.execute(self._hourly)
+            await cur.execute(self._daily)
+            await cur.execute(_FINGERPRINT_SQL)
+            await cur.execute(_REGISTER_KEYS_SQL)
+            await cur.execute("SELECT request_id, event_time FROM ingest_inserted")
+            return {(row[0], row[1]) for row in await cur.fetchall()}
