@@ -151,7 +151,9 @@ class Settings(BaseSettings):
         2.0, gt=0, description="First retry delay; doubles per attempt (with jitter)."
     )
     notify_backoff_max_seconds: float = Field(600.0, gt=0, description="Longest delay between two attempts.")
-    notify_poll_seconds: float = Field(1.0, gt=0, description="How often a delivery worker looks for due notifications.")
+    notify_poll_seconds: float = Field(
+        1.0, gt=0, description="How often a delivery worker looks for due notifications."
+    )
     notify_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one delivery attempt (HTTP or SMTP).")
     notify_lease_seconds: float = Field(
         120.0, gt=0, description="A claimed notification whose worker died is retried after this long."
