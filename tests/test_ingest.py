@@ -56,7 +56,9 @@ def factory_for(prices: Sequence[TestPrice], seed: int, unpriced: bool = False) 
 def send(
     stack: Stack, stub: ingest_pb2_grpc.IngestServiceStub, events: Sequence[ingest_pb2.UsageEvent]
 ) -> ingest_pb2.RecordUsageBatchResult:
-    reply = stub.RecordUsageBatch(ingest_pb2.RecordUsageBatchRequest(events=events), timeout=60, metadata=stack.auth())
+    reply: ingest_pb2.RecordUsageBatchResponse = stub.RecordUsageBatch(
+        ingest_pb2.RecordUsageBatchRequest(events=events), timeout=60, metadata=stack.auth()
+    )
     assert reply.success
     return reply.data
 
