@@ -73,6 +73,7 @@ def stack_env(key: str) -> dict[str, str]:
             "GATEWAY_PORT": str(free_port()),
             "GATEWAY_ADMIN_PORT": str(free_port()),
             "SHUTDOWN_GRACE_SECONDS": "10",
+            "INGEST_COMPACT_SECONDS": "1",
         }
     )
     for service in ServiceName:

@@ -116,7 +116,7 @@ def test_virtual_keys_paginate(stack: Stack) -> None:
 def test_unknown_route_is_404_json(stack: Stack) -> None:
     with stack.http() as client:
         response = client.get("/api/admin/no/such/route")
-        wrong_verb = client.delete("/api/admin/budgets/status")
+        wrong_verb = client.delete("/api/admin/analytics/pipeline-health")
     for r in (response, wrong_verb):
         assert r.status_code == 404
         assert r.json()["success"] is False
@@ -145,7 +145,7 @@ def test_malformed_json_body_is_400(stack: Stack) -> None:
 
 def test_unimplemented_route_is_501_json(stack: Stack) -> None:
     with stack.http() as client:
-        response = client.get("/api/admin/budgets/status")
+        response = client.get("/api/admin/audit-log")
     assert response.status_code == 501
     error = response.json()["error"]
     assert error["status"] == "UNIMPLEMENTED"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -241,11 +242,11 @@ def rollup_mismatches(stack: Stack, table: str, width: str) -> list[Any]:
                    (http_status / 100)::text || 'xx' AS status_class, coalesce(error_type, '') AS error_type,
                    {", ".join(f"{c} AS c{i}" for i, c in enumerate(columns))}
             FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6, 7),
-        roll AS (
+        roll AS (  -- append-only: a group may have several rows until compacted
             SELECT bucket, key_id, provider, model, operation, status_class, error_type,
-                   {", ".join(f"{c} AS c{i}" for i, c in enumerate(rollup))},
-                   {" + ".join(f"lat_{i:02d}" for i in range(24))} AS lat_total
-            FROM {table})
+                   {", ".join(f"sum({c}) AS c{i}" for i, c in enumerate(rollup))},
+                   sum({" + ".join(f"lat_{i:02d}" for i in range(24))}) AS lat_total
+            FROM {table} GROUP BY 1, 2, 3, 4, 5, 6, 7)
         SELECT * FROM raw FULL JOIN roll USING (bucket, key_id, provider, model, operation, status_class, error_type)
         WHERE {" OR ".join(f"raw.c{i} IS DISTINCT FROM roll.c{i}" for i in range(len(columns)))}
            OR roll.lat_total IS DISTINCT FROM raw.c0
@@ -254,11 +255,32 @@ def rollup_mismatches(stack: Stack, table: str, width: str) -> list[Any]:
         return conn.execute(query).fetchall()
 
 
-def test_rollups_equal_raw_events(
+def rows_per_group(stack: Stack, table: str, keys: Sequence[str]) -> int:
+    with db(stack) as conn:
+        row = conn.execute(
+            f"""SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM {table} WHERE key_id = ANY(%s::uuid[])
+                GROUP BY bucket, key_id, provider, model, operation, status_class, error_type) g""",  # noqa: S608
+            (list(keys),),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_rollups_equal_raw_events_before_and_after_compaction(
     stack: Stack, stub: ingest_pb2_grpc.IngestServiceStub, prices: list[TestPrice]
 ) -> None:
     factory = factory_for(prices, seed=6, unpriced=True)
-    send(stack, stub, factory.events(1500, recent(hours=70), timedelta(hours=69)))
+    factory.keys = factory.keys[:1]
+    factory.models = factory.models[:1]
+    for _ in range(4):  # several batches append several rows for the same groups
+        send(stack, stub, factory.events(400, recent(hours=70), timedelta(hours=69)))
+    assert rollup_mismatches(stack, "usage_rollup_hourly", "1 hour") == []
+    assert rollup_mismatches(stack, "usage_rollup_daily", "1 day") == []
+    deadline = datetime.now(UTC) + timedelta(seconds=30)  # the compactor runs every second in tests
+    while rows_per_group(stack, "usage_rollup_daily", factory.keys) > 1 and datetime.now(UTC) < deadline:
+        time.sleep(0.2)
+    assert rows_per_group(stack, "usage_rollup_hourly", factory.keys) == 1
+    assert rows_per_group(stack, "usage_rollup_daily", factory.keys) == 1
     assert rollup_mismatches(stack, "usage_rollup_hourly", "1 hour") == []
     assert rollup_mismatches(stack, "usage_rollup_daily", "1 day") == []
 

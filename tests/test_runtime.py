@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from tally.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.devstack import Suite, free_port, wait_for_grpc_health
+from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tally.runtime import context
 from tally.runtime.config import ServiceName
 from tally.runtime.db import Database
@@ -82,10 +83,11 @@ def test_rich_error_details_over_grpc(stack: Stack) -> None:
 
 
 def test_unimplemented_over_grpc(stack: Stack) -> None:
-    with stack.channel(ServiceName.BUDGET) as channel:
-        stub = budget_pb2_grpc.BudgetServiceStub(channel)
+    """Capabilities of later issues answer UNIMPLEMENTED (here: re-rating, issue 7)."""
+    with stack.channel(ServiceName.INGEST) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.GetBudgetStatus(budget_pb2.GetBudgetStatusRequest(), timeout=5, metadata=stack.auth())
+            stub.RecalculateCosts(ingest_pb2.RecalculateCostsRequest(), timeout=5, metadata=stack.auth())
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

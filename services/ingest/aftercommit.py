@@ -1,17 +1,20 @@
 """What happens after a batch commits: live counters and stats in Redis, spend to the budget service.
 
-None of it may slow or fail ingest: batches are queued to one background task. If Redis or the
-budget service is down, the work is dropped, not retried; the database already holds the truth.
-Spend that could not be handed over is remembered (oldest first) and the budget service is asked
-to reconcile its counters from TimescaleDB as soon as it answers again.
+None of it may slow or fail ingest. Committed batches are reduced to small records and queued;
+one background task folds them into per-bucket counters and pending settlements, which are
+flushed on a short timer (coalescing many batches into one Redis pipeline and one SettleBatch
+call). If Redis or the budget service is down, that work is dropped, not retried: the database
+already holds the truth. Spend that could not be handed over is remembered (oldest first) and the
+budget service is asked to reconcile its counters from TimescaleDB as soon as it answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,18 +35,45 @@ log = logging.getLogger("tally.ingest.aftercommit")
 
 DROPPED = PromCounter("tally_ingest_aftercommit_dropped_total", "After-commit work dropped.", ["stage", "reason"])
 QUEUE_DEPTH = Gauge("tally_ingest_aftercommit_queue_depth", "Committed batches waiting for after-commit work.")
-SETTLE_BATCH = 1000
-SETTLE_TIMEOUT_SECONDS = 2.0
+SETTLE_BATCH = 5000
+SETTLE_TIMEOUT_SECONDS = 5.0
+FLUSH_SECONDS = 0.5
+MAX_PENDING_SETTLEMENTS = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What the after-commit work needs of one accepted event."""
+
+    request_id: str
+    event_time: datetime
+    key_id: str
+    provider: str
+    model: str
+    tokens: int
+    cost_micros: int
 
 
 @dataclass
 class Outcome:
-    """One committed batch: the events inserted now, and how many items were duplicates/rejected."""
+    """One committed batch, reduced: accepted events' spend, and the other items' counts."""
 
-    accepted: Sequence[ValidEvent]
+    accepted: list[Spend]
     duplicate: int
     rejected: int
+    unpriced: int
+    late: int
     arrived: float = field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, accepted: Sequence[ValidEvent], duplicate: int, rejected: int) -> Outcome:
+        spend = [
+            Spend(e.request_id, e.event_time, str(e.key_id), e.provider, e.model, e.tokens, e.cost_micros or 0)
+            for e in accepted
+        ]
+        unpriced = sum(1 for e in accepted if e.unpriced)
+        late = sum(1 for e in accepted if e.late)
+        return cls(spend, duplicate, rejected, unpriced, late)
 
 
 @dataclass(frozen=True)
@@ -60,27 +90,37 @@ class AfterCommit:
         budget: grpc.aio.Channel,
         master_key: SecretStr,
         zone: ZoneInfo,
-        queue_size: int = 2000,
+        queue_size: int = 64,
     ) -> None:
         self._redis = redis
         self._budget = budget_pb2_grpc.BudgetServiceStub(budget)
         self._master_key = master_key
         self._zone = zone
         self._queue: asyncio.Queue[Outcome] = asyncio.Queue(queue_size)
+        self._counters: dict[str, Counter[str]] = defaultdict(Counter)
+        self._ttl: dict[str, int] = {}
+        self._stats: Counter[str] = Counter()
+        self._rates: Counter[int] = Counter()
+        self._last_ingest = 0.0
+        self._settlements: list[Spend] = []
         self.oldest_unreconciled: Unreconciled | None = None
         self.redis_ok = True
         self._failures = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._reconcile_loop())]
+        self._tasks = [
+            asyncio.create_task(self._fold_forever()),
+            asyncio.create_task(self._flush_forever()),
+            asyncio.create_task(self._reconcile_forever()),
+        ]
 
     async def stop(self) -> None:
-        """Drains what is queued (bounded), then stops."""
-        try:
+        """Folds and flushes what is queued (bounded in time), then stops."""
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), 5)
-        except TimeoutError:
-            log.warning("after-commit queue not drained at shutdown", extra={"left": self._queue.qsize()})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), 5)
         for task in self._tasks:
             task.cancel()
 
@@ -92,63 +132,90 @@ class AfterCommit:
             self._mark_unreconciled(outcome.accepted, "after-commit queue full")
         QUEUE_DEPTH.set(self._queue.qsize())
 
-    async def _run(self) -> None:
+    async def _fold_forever(self) -> None:
         while True:
             outcome = await self._queue.get()
             try:
-                await self._count(outcome)
-                await self._settle(outcome.accepted)
+                self._fold(outcome)
             except Exception:
-                log.exception("after-commit work failed")
+                log.exception("after-commit folding failed")
             finally:
                 self._queue.task_done()
                 QUEUE_DEPTH.set(self._queue.qsize())
 
-    async def _count(self, outcome: Outcome) -> None:
-        per_bucket: dict[str, Counter[str]] = {}
-        ttl: dict[str, int] = {}
-        unpriced = late = 0
-        for event in outcome.accepted:
-            cost = event.cost_micros or 0
-            unpriced += event.unpriced
-            late += event.late
-            for key, seconds in (
-                (live.minute_key(event.event_time), live.MINUTE_TTL_SECONDS),
-                (live.hour_key(event.event_time), live.HOUR_TTL_SECONDS),
-                (live.day_key(event.event_time, self._zone), live.DAY_TTL_SECONDS),
-            ):
-                fields = per_bucket.setdefault(key, Counter())
-                ttl[key] = seconds
-                fields["requests"] += 1
-                fields["tokens"] += event.tokens
-                fields["cost"] += cost
-                fields[f"k|{event.key_id}|requests"] += 1
-                fields[f"k|{event.key_id}|cost"] += cost
-                fields[f"m|{event.provider}|{event.model}|requests"] += 1
-                fields[f"m|{event.provider}|{event.model}|cost"] += cost
-                fields[f"p|{event.provider}|requests"] += 1
-                fields[f"p|{event.provider}|cost"] += cost
-        minute = int(outcome.arrived) // 60
+    def _fold(self, outcome: Outcome) -> None:
+        now = outcome.arrived
+        stats = self._stats
+        stats["accepted"] += len(outcome.accepted)
+        stats["duplicate"] += outcome.duplicate
+        stats["rejected"] += outcome.rejected
+        stats["unpriced"] += outcome.unpriced
+        stats["late"] += outcome.late
+        self._rates[int(now) // 60] += len(outcome.accepted)
+        self._last_ingest = max(self._last_ingest, now)
+        # Live counters answer "this minute / hour / today": a bucket is only worth counting
+        # while its key lives; older late events are in the rollups only.
+        for spend in outcome.accepted:
+            age = now - spend.event_time.timestamp()
+            if age < live.MINUTE_TTL_SECONDS:
+                self._add(live.minute_key(spend.event_time), live.MINUTE_TTL_SECONDS, spend)
+            if age < live.HOUR_TTL_SECONDS:
+                self._add(live.hour_key(spend.event_time), live.HOUR_TTL_SECONDS, spend)
+            if age < live.DAY_TTL_SECONDS:
+                self._add(live.day_key(spend.event_time, self._zone), live.DAY_TTL_SECONDS, spend)
+        if len(self._settlements) >= MAX_PENDING_SETTLEMENTS:
+            DROPPED.labels("settle", "backlog").inc()
+            self._mark_unreconciled(outcome.accepted, "settlement backlog full")
+        else:
+            self._settlements.extend(s for s in outcome.accepted if s.cost_micros)
+
+    def _add(self, key: str, ttl: int, spend: Spend) -> None:
+        fields = self._counters[key]
+        self._ttl[key] = ttl
+        cost = spend.cost_micros
+        fields["requests"] += 1
+        fields["tokens"] += spend.tokens
+        fields["cost"] += cost
+        fields[f"k|{spend.key_id}|requests"] += 1
+        fields[f"k|{spend.key_id}|cost"] += cost
+        fields[f"m|{spend.provider}|{spend.model}|requests"] += 1
+        fields[f"m|{spend.provider}|{spend.model}|cost"] += cost
+        fields[f"p|{spend.provider}|requests"] += 1
+        fields[f"p|{spend.provider}|cost"] += cost
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("after-commit flush failed")
+
+    async def flush(self) -> None:
+        await self._flush_counters()
+        await self._flush_settlements()
+
+    async def _flush_counters(self) -> None:
+        counters, ttl, stats, rates = self._counters, self._ttl, self._stats, self._rates
+        if not counters and not stats:
+            return
+        self._counters, self._ttl, self._stats, self._rates = defaultdict(Counter), {}, Counter(), Counter()
         try:
             pipe = self._redis.pipeline(transaction=False)
-            for key, fields in per_bucket.items():
+            for key, fields in counters.items():
                 for name, amount in fields.items():
                     pipe.hincrby(key, name, amount)
                 pipe.expire(key, ttl[key])
-            stats = live.INGEST_STATS_KEY
-            pipe.hsetnx(stats, "since", int(outcome.arrived))
-            for name, amount in (
-                ("accepted", len(outcome.accepted)),
-                ("duplicate", outcome.duplicate),
-                ("rejected", outcome.rejected),
-                ("unpriced", unpriced),
-                ("late", late),
-            ):
+            stats_key = live.INGEST_STATS_KEY
+            pipe.hsetnx(stats_key, "since", int(self._last_ingest or time.time()))
+            for name, amount in stats.items():
                 if amount:
-                    pipe.hincrby(stats, name, amount)
-            pipe.hset(stats, "last_ingest", int(outcome.arrived * 1000))
-            pipe.incrby(live.rate_key(minute), len(outcome.accepted))
-            pipe.expire(live.rate_key(minute), live.RATE_TTL_SECONDS)
+                    pipe.hincrby(stats_key, name, amount)
+            if self._last_ingest:
+                pipe.hset(stats_key, "last_ingest", int(self._last_ingest * 1000))
+            for minute, amount in rates.items():
+                pipe.incrby(live.rate_key(minute), amount)
+                pipe.expire(live.rate_key(minute), live.RATE_TTL_SECONDS)
             await pipe.execute()
             self.redis_ok = True
         except Exception as exc:
@@ -156,19 +223,19 @@ class AfterCommit:
             DROPPED.labels("redis", type(exc).__name__).inc()
             log.warning("live counters not updated: redis unavailable", extra={"error": repr(exc)})
 
-    async def _settle(self, events: Sequence[ValidEvent]) -> None:
-        priced = [e for e in events if e.cost_micros]
-        for start in range(0, len(priced), SETTLE_BATCH):
-            chunk = priced[start : start + SETTLE_BATCH]
+    async def _flush_settlements(self) -> None:
+        pending, self._settlements = self._settlements, []
+        for start in range(0, len(pending), SETTLE_BATCH):
+            chunk = pending[start : start + SETTLE_BATCH]
             request = budget_pb2.SettleBatchRequest()
-            for event in chunk:
+            for spend in chunk:
                 item = request.items.add(
-                    request_id=event.request_id,
-                    key_id=str(event.key_id),
-                    actual_cost_micros=event.cost_micros,
-                    provider=event.provider,
+                    request_id=spend.request_id,
+                    key_id=spend.key_id,
+                    actual_cost_micros=spend.cost_micros,
+                    provider=spend.provider,
                 )
-                item.event_time.FromDatetime(event.event_time)
+                item.event_time.FromDatetime(spend.event_time)
             try:
                 await self._budget.SettleBatch(
                     request, timeout=SETTLE_TIMEOUT_SECONDS, metadata=call_metadata(self._master_key)
@@ -177,15 +244,15 @@ class AfterCommit:
                 DROPPED.labels("settle", exc.code().name).inc()
                 self._mark_unreconciled(chunk, f"budget service: {exc.code().name}")
 
-    def _mark_unreconciled(self, events: Sequence[ValidEvent], reason: str) -> None:
-        if not events:
+    def _mark_unreconciled(self, spends: Sequence[Spend], reason: str) -> None:
+        if not spends:
             return
         self._failures += 1
-        first = min(events, key=lambda e: e.event_time)
+        first = min(spends, key=lambda s: s.event_time)
         if self.oldest_unreconciled is None or first.event_time < self.oldest_unreconciled.event_time:
             self.oldest_unreconciled = Unreconciled(first.request_id, first.event_time, reason)
 
-    async def _reconcile_loop(self, interval: float = 5.0) -> None:
+    async def _reconcile_forever(self, interval: float = 5.0) -> None:
         """When spend could not be handed over, ask budget to rebuild from the database."""
         while True:
             await asyncio.sleep(interval)

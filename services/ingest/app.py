@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 
 from services.ingest.aftercommit import AfterCommit, Outcome
+from services.ingest.compaction import Compactor
 from services.ingest.events import IngestPolicy, Rejected, ValidEvent, validate
 from services.ingest.prices import PriceRepository, PriceRowError, parse_csv, parse_price
 from services.ingest.status import ingestion_status
@@ -27,9 +28,16 @@ class Ingestor:
     """Validates, prices and stores batches; the one path shared by every ingest RPC."""
 
     def __init__(
-        self, store: UsageStore, prices: PriceRepository, policy: IngestPolicy, after: AfterCommit, max_batch: int
+        self,
+        store: UsageStore,
+        prices: PriceRepository,
+        policy: IngestPolicy,
+        after: AfterCommit,
+        compactor: Compactor,
+        max_batch: int,
     ) -> None:
         self._store = store
+        self._compactor = compactor
         self._prices = prices
         self._policy = policy
         self._after = after
@@ -63,7 +71,8 @@ class Ingestor:
                 results[index].status = "duplicate"
                 results[index].reason = "an event with this requestId and eventTime is already recorded"
         duplicate = len(candidates) - len(accepted)
-        self._after.submit(Outcome(accepted, duplicate, rejected))
+        self._compactor.mark(v.event_time for v in accepted)
+        self._after.submit(Outcome.of(accepted, duplicate, rejected))
         return ingest_pb2.RecordUsageBatchResult(
             accepted=len(accepted), duplicate=duplicate, rejected=rejected, results=results
         )
@@ -188,24 +197,29 @@ async def build(resources: Resources) -> Sequence[Registration]:
     await prices.seed_defaults()
     await prices.reload()
     refresher = asyncio.create_task(prices.refresh_forever(settings.ingest_price_refresh_seconds))
+    late_window = timedelta(seconds=settings.ingest_late_window_seconds)
+    compactor = Compactor(resources.db, settings.ingest_compact_seconds, late_window)
+    await compactor.sweep(datetime.now(UTC))
+    compacting = asyncio.create_task(compactor.run_forever())
     budget_channel = service_channel(settings.address_of(ServiceName.BUDGET))
     after = AfterCommit(resources.redis, budget_channel, settings.admin_master_key, settings.zone)
     after.start()
 
     async def close() -> None:
         refresher.cancel()
+        compacting.cancel()
         await after.stop()
         await budget_channel.close()
 
     resources.closers.append(close)
     policy = IngestPolicy(
-        late_window=timedelta(seconds=settings.ingest_late_window_seconds),
+        late_window=late_window,
         future_skew=timedelta(seconds=settings.ingest_future_skew_seconds),
         late_threshold=timedelta(seconds=settings.ingest_late_threshold_seconds),
         end_user_key=settings.end_user_hash_key.get_secret_value().encode(),
     )
     store = UsageStore(resources.db, settings.ingest_late_threshold_seconds)
-    ingestor = Ingestor(store, prices, policy, after, settings.ingest_max_batch)
+    ingestor = Ingestor(store, prices, policy, after, compactor, settings.ingest_max_batch)
     return [
         Registration(
             # Until their issues land, unimplemented RPCs fall through to the generated base,

@@ -1,10 +1,12 @@
 """Writes usage batches to TimescaleDB: raw events and their rollups in one transaction.
 
-Per batch: binary COPY into a session temp table, then `INSERT ... SELECT ... ON CONFLICT DO
-NOTHING` into the hypertable (idempotency on (request_id, event_time)), keeping the rows that
-were really inserted; the rollups are updated from exactly those rows, so a replayed event
-changes nothing anywhere. Statements take row locks in a fixed order (sorted keys), so
-concurrent batches cannot deadlock each other; a deadlock from elsewhere is retried.
+Per batch: binary COPY into a session temp table, then one statement that inserts into the
+hypertable with `ON CONFLICT DO NOTHING` (idempotency on (request_id, event_time)) and, from
+exactly the rows really inserted, appends one rollup row per group to the hourly, daily and
+fingerprint rollups and registers unknown keys. So a replayed event changes nothing anywhere.
+Rollups are append-only (no row is updated, so concurrent batches never wait on each other);
+the compactor (compaction.py) later merges each bucket to one row per group. Events are inserted
+in sorted order so concurrent batches take unique-index locks in the same order.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ _SUM_COLUMNS = (
     "small_input_requests", "small_input_input_tokens", "small_input_output_tokens", "small_input_cost_micros",
     "latency_ms_sum", "ttft_ms_sum", "ttft_count", *LATENCY_COLUMNS, *TTFT_COLUMNS,
 )  # fmt: skip
-_GROUP = ("key_id", "provider", "model", "operation", "status_class", "error_type")
+ROLLUP_GROUP = ("key_id", "provider", "model", "operation", "status_class", "error_type")
+ROLLUP_SUMS = _SUM_COLUMNS
+FINGERPRINT_GROUP = ("prompt_fingerprint", "provider", "model")
+FINGERPRINT_SUMS = ("requests", "input_tokens", "cost_micros")
 
 SETUP_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_staging (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS ingest_inserted (LIKE usage_events) ON COMMIT DELETE ROWS;
 """
 
 
-def _rollup_sql(table: str, width: str, late_threshold_seconds: int) -> str:
+def _rollup_insert(name: str, table: str, width: str, late_threshold_seconds: int) -> str:
+    """A CTE appending one row per group of the inserted events (`ins`, with histogram buckets)."""
     small = f"input_tokens < {SMALL_INPUT_TOKENS} AND NOT tools_used"
     aggregates = [
         "count(*)",
@@ -63,46 +68,41 @@ def _rollup_sql(table: str, width: str, late_threshold_seconds: int) -> str:
         *(f"count(*) FILTER (WHERE tb = {i})" for i in range(len(TTFT_COLUMNS))),
     ]  # fmt: skip
     assert len(aggregates) == len(_SUM_COLUMNS)
-    columns = ", ".join(("bucket", *_GROUP, *_SUM_COLUMNS))
-    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in _SUM_COLUMNS)
+    columns = ", ".join(("bucket", *ROLLUP_GROUP, *_SUM_COLUMNS))
     # Built from constants only (no input reaches this text).
+    return f"""{name} AS (
+        INSERT INTO {table} ({columns})
+        SELECT time_bucket('{width}', event_time), key_id, provider, model, operation,
+               (http_status / 100)::text || 'xx', coalesce(error_type, ''), {", ".join(aggregates)}
+        FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7)"""  # noqa: S608
+
+
+def _batch_sql(late_threshold_seconds: int) -> str:
+    """One statement: insert new events, append their rollups, register keys, return what was new."""
     return f"""
-        INSERT INTO {table} AS r ({columns})
-        SELECT time_bucket('{width}', event_time) AS bucket, key_id, provider, model, operation,
-               (http_status / 100)::text || 'xx' AS status_class, coalesce(error_type, '') AS error_type,
-               {", ".join(aggregates)}
-        FROM (SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb,
-                        width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
-              FROM ingest_inserted) AS s
-        GROUP BY 1, 2, 3, 4, 5, 6, 7
-        ORDER BY 2, 3, 4, 5, 6, 7, 1
-        ON CONFLICT ({", ".join(_GROUP)}, bucket) DO UPDATE SET {updates}
+    WITH new AS (
+        INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY request_id, event_time
+        ON CONFLICT DO NOTHING RETURNING *),
+    ins AS MATERIALIZED (
+        SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
+        FROM new),
+    {_rollup_insert("hourly", "usage_rollup_hourly", "1 hour", late_threshold_seconds)},
+    {_rollup_insert("daily", "usage_rollup_daily", "1 day", late_threshold_seconds)},
+    fingerprints AS (
+        INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
+                                              input_tokens, cost_micros)
+        SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
+               count(*), sum(input_tokens), coalesce(sum(cost_micros), 0)
+        FROM ins WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4),
+    keys AS (
+        INSERT INTO virtual_keys (key_id, key_name)
+        SELECT k.key_id, k.key_id::text FROM (SELECT DISTINCT key_id FROM ins) k ORDER BY k.key_id
+        ON CONFLICT (key_id) DO NOTHING)
+    SELECT request_id, event_time FROM ins
     """  # noqa: S608
 
 
-_FINGERPRINT_SQL = """
-    INSERT INTO prompt_fingerprint_daily AS r
-        (bucket, prompt_fingerprint, provider, model, requests, input_tokens, cost_micros)
-    SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
-           count(*), sum(input_tokens), coalesce(sum(cost_micros), 0)
-    FROM ingest_inserted WHERE prompt_fingerprint IS NOT NULL
-    GROUP BY 1, 2, 3, 4 ORDER BY 2, 3, 4, 1
-    ON CONFLICT (prompt_fingerprint, provider, model, bucket) DO UPDATE
-    SET requests = r.requests + EXCLUDED.requests, input_tokens = r.input_tokens + EXCLUDED.input_tokens,
-        cost_micros = r.cost_micros + EXCLUDED.cost_micros
-"""
-_REGISTER_KEYS_SQL = """
-    INSERT INTO virtual_keys (key_id, key_name)
-    SELECT k.key_id, k.key_id::text FROM (SELECT DISTINCT key_id FROM ingest_inserted) k ORDER BY k.key_id
-    ON CONFLICT (key_id) DO NOTHING
-"""
 _COLUMN_LIST = ", ".join(COLUMNS)
-_INSERT_SQL = """
-    WITH ins AS (
-        INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY request_id, event_time
-        ON CONFLICT DO NOTHING RETURNING *)
-    INSERT INTO ingest_inserted SELECT * FROM ins
-"""
 
 
 async def prepare_connection(conn: AsyncConnection[Any]) -> None:
@@ -114,8 +114,8 @@ async def prepare_connection(conn: AsyncConnection[Any]) -> None:
 class UsageStore:
     def __init__(self, db: Database, late_threshold_seconds: int) -> None:
         self._db = db
-        self._hourly = _rollup_sql("usage_rollup_hourly", "1 hour", late_threshold_seconds)
-        self._daily = _rollup_sql("usage_rollup_daily", "1 day", late_threshold_seconds)
+        self._batch_sql = _batch_sql(late_threshold_seconds)
+        self._copy_sql = sql.SQL("COPY ingest_staging ({}) FROM STDIN (FORMAT BINARY)").format(sql.SQL(_COLUMN_LIST))
 
     async def write(self, events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
         """Stores the events; returns the identities inserted now (the others were duplicates)."""
@@ -132,17 +132,9 @@ class UsageStore:
 
     async def _write_once(self, events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
         async with self._db.transaction() as conn, conn.cursor() as cur:
-            copy_sql = sql.SQL("COPY ingest_staging ({}) FROM STDIN (FORMAT BINARY)").format(sql.SQL(_COLUMN_LIST))
-            async with cur.copy(copy_sql) as copy:
+            async with cur.copy(self._copy_sql) as copy:
                 copy.set_types(list(COPY_TYPES))
                 for event in events:
                     await copy.write_row(event.row)
-            await cur.execute(_INSERT_SQL)
-            if cur.rowcount == 0:
-                return set()
-            await cur.execute(self._hourly)
-            await cur.execute(self._daily)
-            await cur.execute(_FINGERPRINT_SQL)
-            await cur.execute(_REGISTER_KEYS_SQL)
-            await cur.execute("SELECT request_id, event_time FROM ingest_inserted")
+            await cur.execute(self._batch_sql)
             return {(row[0], row[1]) for row in await cur.fetchall()}

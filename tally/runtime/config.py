@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         300, ge=0, description="An event arriving this long after its event time counts as late."
     )
     ingest_max_batch: int = Field(10_000, gt=0, description="Largest batch accepted by one call.")
+    ingest_compact_seconds: float = Field(
+        10.0, gt=0, description="How often ingest merges the rollup rows appended since the last pass."
+    )
     ingest_price_refresh_seconds: float = Field(
         5.0, gt=0, description="How often an ingest process reloads prices changed by another replica."
     )

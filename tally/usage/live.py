@@ -13,9 +13,9 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-MINUTE_TTL_SECONDS = 3 * 3600
-HOUR_TTL_SECONDS = 3 * 86400
-DAY_TTL_SECONDS = 10 * 86400
+MINUTE_TTL_SECONDS = 2 * 3600
+HOUR_TTL_SECONDS = 2 * 86400
+DAY_TTL_SECONDS = 3 * 86400
 
 INGEST_STATS_KEY = "tally:ingest:stats"
 RATE_TTL_SECONDS = 2 * 3600

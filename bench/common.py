@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: a private stack on free ports, percentiles, results files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tally.devstack import Postgres, Redis, Suite, free_port
+from tally.runtime.config import ServiceName
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident set size."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_results(name: str, figures: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def bench_stack(services: Sequence[ServiceName], extra_env: dict[str, str] | None = None) -> Iterator[Suite]:
+    """PostgreSQL+TimescaleDB, Redis and the given services in a temporary folder."""
+    import os
+
+    root = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    root.chmod(0o755)
+    postgres = Postgres(root / "postgres" / "data", free_port(), secrets.token_urlsafe(16))
+    redis = Redis(root / "redis", free_port())
+    env = dict(os.environ)
+    env.update(
+        {
+            "ADMIN_MASTER_KEY": secrets.token_urlsafe(24),
+            "END_USER_HASH_KEY": secrets.token_urlsafe(32),
+            "DATABASE_URL": postgres.url,
+            "DATABASE_PASSWORD": postgres.password,
+            "REDIS_URL": redis.url,
+            "LOG_LEVEL": "WARNING",
+            "GATEWAY_PORT": str(free_port()),
+            "GATEWAY_ADMIN_PORT": str(free_port()),
+            "MIGRATE_ON_START": "false",
+            **(extra_env or {}),
+        }
+    )
+    for service in ServiceName:
+        env[f"{service.value.upper()}_ADDRESS"] = f"127.0.0.1:{free_port()}"
+        env[f"{service.value.upper()}_METRICS_PORT"] = str(free_port())
+    suite = Suite(env, log_dir=root / "logs")
+    try:
+        postgres.start()
+        redis.start()
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, "-m", "tally.runtime.migrate"], env=env, check=True)
+        for service in services:
+            suite.start_service(service)
+        yield suite
+    finally:
+        suite.stop_all()
+        redis.stop()
+        postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""Merges the append-only rollups: each dirty bucket is rewritten as one row per group.
+
+Ingest appends one rollup row per group per batch (no row is ever updated on the write path).
+The compactor rewrites a bucket in a single statement, `DELETE ... RETURNING` feeding an
+aggregated `INSERT`, so the sums are unchanged at every instant: rows appended concurrently are
+not in the statement's snapshot and stay as they are, and two compactors racing on one bucket
+each re-aggregate only the rows they deleted. Buckets are remembered as ingest dirties them;
+at start, recent buckets with more than one row per group are swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from prometheus_client import Counter
+
+from services.ingest.store import FINGERPRINT_GROUP, FINGERPRINT_SUMS, ROLLUP_GROUP, ROLLUP_SUMS
+from tally.runtime.db import Database
+
+log = logging.getLogger("tally.ingest.compaction")
+COMPACTED = Counter("tally_ingest_rollup_buckets_compacted_total", "Rollup buckets compacted.", ["table"])
+
+
+@dataclass(frozen=True)
+class RollupTable:
+    name: str
+    width: timedelta
+    group: tuple[str, ...]
+    sums: tuple[str, ...]
+
+    def compact_sql(self) -> str:
+        columns = ", ".join(("bucket", *self.group, *self.sums))
+        sums = ", ".join(f"sum({c})" for c in self.sums)
+        keys = ", ".join(("bucket", *self.group))
+        return f"""
+            WITH old AS (DELETE FROM {self.name} WHERE bucket = %s RETURNING *)
+            INSERT INTO {self.name} ({columns})
+            SELECT {keys}, {sums} FROM old GROUP BY {keys}
+        """  # noqa: S608 (constants)
+
+    def duplicated_buckets_sql(self) -> str:
+        keys = ", ".join(self.group)
+        return f"""
+            SELECT bucket FROM {self.name} WHERE bucket >= %s
+            GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))
+        """  # noqa: S608 (constants)
+
+    def bucket_of(self, at: datetime) -> datetime:
+        if self.width == timedelta(hours=1):
+            return at.replace(minute=0, second=0, microsecond=0)
+        return at.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+HOURLY = RollupTable("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
+DAILY = RollupTable("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
+FINGERPRINTS = RollupTable("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
+TABLES = (HOURLY, DAILY, FINGERPRINTS)
+
+
+class Compactor:
+    def __init__(self, db: Database, interval_seconds: float, late_window: timedelta) -> None:
+        self._db = db
+        self._interval = interval_seconds
+        self._late_window = late_window
+        self._dirty: dict[RollupTable, set[datetime]] = {table: set() for table in TABLES}
+        self._sql = {table: table.compact_sql() for table in TABLES}
+
+    def mark(self, event_times: Iterable[datetime]) -> None:
+        """Remembers the buckets a committed batch appended to (event times are UTC)."""
+        hours = {HOURLY.bucket_of(t) for t in event_times}
+        self._dirty[HOURLY] |= hours
+        days = {DAILY.bucket_of(h) for h in hours}
+        self._dirty[DAILY] |= days
+        self._dirty[FINGERPRINTS] |= days
+
+    async def sweep(self, now: datetime) -> None:
+        """Finds recent buckets left with several rows per group (e.g. by a crash) and compacts them."""
+        since = now - self._late_window - timedelta(days=1)
+        for table in TABLES:
+            rows = await self._db.fetch_all(table.duplicated_buckets_sql(), (since,))
+            self._dirty[table] |= {row["bucket"] for row in rows}
+        await self.compact()
+
+    async def compact(self) -> int:
+        done = 0
+        for table in TABLES:
+            buckets, self._dirty[table] = self._dirty[table], set()
+            for bucket in sorted(buckets):
+                try:
+                    async with self._db.transaction() as conn:
+                        await conn.execute(self._sql[table], (bucket,))
+                except Exception:
+                    self._dirty[table].add(bucket)  # try again next round
+                    raise
+                COMPACTED.labels(table.name).inc()
+                done += 1
+        return done
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.compact()
+            except Exception:
+                log.exception("rollup compaction failed; will retry")
