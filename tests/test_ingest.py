@@ -417,7 +417,7 @@ def test_live_counters_follow_commits(
 ) -> None:
     factory = factory_for(prices, seed=13)
     key = str(uuid.uuid4())
-    at = recent(hours=0) - timedelta(minutes=2)
+    at = recent(hours=0).replace(second=0) - timedelta(minutes=2)  # 50 events inside one minute (and hour)
     events = [factory.event(at + timedelta(seconds=i), virtual_key_id=key) for i in range(50)]
     send(stack, stub, events)
     send(stack, stub, events)  # duplicates must not count
@@ -429,6 +429,7 @@ def test_live_counters_follow_commits(
         values = client.hmget(hour_key, [f"k|{key}|requests", f"k|{key}|cost"])
         if values[0] is not None and int(values[0]) >= 50:
             break
+        time.sleep(0.1)
     assert [int(v or 0) for v in values] == [50, expected_cost]
 
 
