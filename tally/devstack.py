@@ -216,6 +216,107 @@ class Redis:
         stop_process(self.process)
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@dataclass
+class RedisClusterNodes:
+    """A local Redis Cluster of `len(ports)` masters and no replicas (for tests and benchmarks).
+    Ports come from `free_cluster_port()`: each node also listens on port + 10000 (the bus)."""
+
+    data_dir: Path
+    ports: list[int]
+    nodes: list[Redis] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """A seed node; with `REDIS_CLUSTER=true` the client discovers the others."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        for port in self.ports:
+            node = Redis(self.data_dir / f"node-{port}", port)
+            self.nodes.append(node)
+            node.start(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "5000",
+            )
+        cli = shutil.which("redis-cli") or "redis-cli"
+        addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [
+                subprocess.run(
+                    [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, check=False
+                ).stdout
+                for port in self.ports
+            ]
+            if all("cluster_state:ok" in state for state in states):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the Redis Cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@dataclass
+class MailSink:
+    """An SMTP server on loopback (aiosmtpd) that keeps every message in a Maildir folder, so
+    `make run` sends no email anywhere."""
+
+    mail_dir: Path
+    port: int
+    log_file: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.mail_dir.mkdir(parents=True, exist_ok=True)
+        output = None if self.log_file is None else self.log_file.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                f"127.0.0.1:{self.port}",
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+                str(self.mail_dir),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )
+        wait_for_port(self.port, 20, self.process)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
 def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 15) -> int | None:
     if process is None or process.poll() is not None:
         return None if process is None else process.returncode
@@ -313,6 +414,8 @@ def local_stack(data_dir: Path, env: dict[str, str]) -> Iterator[Suite]:
         _read_or_create_secret(data_dir / "postgres.password"),
     )
     redis = Redis(data_dir / "redis", int(env.get("UB_REDIS_PORT", "56379")))
+    # Email goes to a local sink (mail kept in data_dir/mail) unless SMTP_HOST/SMTP_PORT are set.
+    mail = None if "SMTP_HOST" in env or "SMTP_PORT" in env else MailSink(data_dir / "mail", free_port())
     suite_env = {
         **env,
         "DATABASE_URL": pg.url,
@@ -320,14 +423,22 @@ def local_stack(data_dir: Path, env: dict[str, str]) -> Iterator[Suite]:
         "REDIS_URL": redis.url,
         "MIGRATE_ON_START": "false",
     }
+    if mail is not None:
+        suite_env.update({"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(mail.port)})
     suite = Suite(suite_env, log_dir=data_dir / "logs")
     try:
         pg.start()
         redis.start()
+        if mail is not None:
+            mail.log_file = data_dir / "logs" / "mail-sink.log"
+            mail.log_file.parent.mkdir(parents=True, exist_ok=True)
+            mail.start()
         suite.start_all()
         yield suite
     finally:
         suite.stop_all()
+        if mail is not None:
+            mail.stop()
         redis.stop()
         pg.stop()
 
@@ -359,7 +470,9 @@ def run(argv: list[str]) -> int:
             f"  REST admin API: http://localhost:{port}/api/admin/  (OpenAPI at /api/admin/openapi.json)\n"
             f"  gRPC services:  {grpc_addresses}\n"
             f"  master key:     {key}\n"
-            f"  logs:           {args.data_dir / 'logs'}\n\n"
+            f"  logs:           {args.data_dir / 'logs'}\n"
+            f"  email (SMTP):   {suite.env.get('SMTP_HOST')}:{suite.env.get('SMTP_PORT')}"
+            f" (local sink keeps mail in {args.data_dir / 'mail'})\n\n"
             f"  curl -H 'Authorization: Bearer {key}' http://localhost:{port}/api/admin/analytics/pipeline-health\n\n"
             f"Ctrl-C stops everything.\n",
             flush=True,

@@ -1,16 +1,67 @@
-"""Wires the budget service: its servicer and the resources it uses."""
+"""Wires the budget service: its servicer (which only translates between protos and the
+engine) and the resources and background tasks it uses."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import grpc
+from google.protobuf import timestamp_pb2
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
+from services.budget import alerts, metrics
+from services.budget.engine import DEFAULT_PERIOD, BudgetEngine, ScopeView, SettleItem, SettleOutcome, StoreUnavailable
+from services.budget.evaluator import Evaluator, percent
+from services.budget.events import BLOCK_MS, BudgetEvent, EventStream
 from services.budget.keys import VirtualKeyRecord, VirtualKeyRepository, validate_key_name
+from services.budget.periods import PeriodKind, days_in_month, is_known_zone
+from services.budget.repository import BudgetRepository
+from services.budget.store import (
+    GLOBAL_SCOPE,
+    AuthorizeResult,
+    BudgetStore,
+    ScopeCall,
+    ScopeConfig,
+    key_scope,
+    provider_key,
+)
+from services.budget.tasks import BackgroundTasks
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
-from tally.runtime.errors import NotFound
+from tally.notify import DeliveryWorker
+from tally.runtime.errors import InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from tally.runtime.redis import create_redis
 from tally.runtime.server import Registration, Resources
 from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size, require_uuid
+
+log = logging.getLogger("tally.budget")
+T = TypeVar("T")
+
+MICROS = 1_000_000
+MAX_BUDGET_USD = 1_000_000_000.0  # keeps every sum of micro-units exact in Lua's doubles (< 2^53)
+MAX_REQUEST_ID = 200
+MAX_REASON = 500
+_REQUEST_PATH = frozenset({"Authorize", "Settle", "SettleBatch", "Release"})
+_DENIALS = {
+    1: (budget_pb2.DENIAL_REASON_KEY_DISABLED, "the virtual key is disabled"),
+    2: (budget_pb2.DENIAL_REASON_KEY_BUDGET_EXHAUSTED, "the virtual key's budget cannot cover the estimate"),
+    3: (budget_pb2.DENIAL_REASON_GLOBAL_BUDGET_EXHAUSTED, "the global budget cannot cover the estimate"),
+}
+
+
+def _usd(micros: int) -> float:
+    return micros / MICROS
+
+
+def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
 
 
 def _key_message(record: VirtualKeyRecord) -> budget_pb2.VirtualKey:
@@ -25,12 +76,387 @@ def _key_message(record: VirtualKeyRecord) -> budget_pb2.VirtualKey:
     return message
 
 
-class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
-    """RPCs not overridden here answer UNIMPLEMENTED until their issue lands."""
+def _budget_message(view: ScopeView) -> budget_pb2.Budget:
+    limit = view.row.limit_micros if view.row else 0
+    message = budget_pb2.Budget(
+        max_budget=_usd(limit),
+        period=view.row.period if view.row else view.period.kind.value,
+        timezone=view.row.timezone if view.row else "",
+        current_spend=_usd(view.spent),
+        reserved=_usd(view.reserved),
+        remaining_budget=_usd(limit - view.spent - view.reserved) if view.row else 0.0,
+    )
+    message.period_start.FromDatetime(view.period.start)
+    if view.period.end is not None:
+        message.period_end.FromDatetime(view.period.end)
+    return message
 
-    def __init__(self, resources: Resources) -> None:
+
+def _remaining(
+    scope: str, call: ScopeCall, limit: int, committed: int, engine: BudgetEngine
+) -> budget_pb2.ScopeRemaining:
+    unlimited = limit < 0
+    message = budget_pb2.ScopeRemaining(
+        scope=scope,
+        limit_micros=0 if unlimited else limit,
+        committed_micros=committed,
+        remaining_micros=0 if unlimited else limit - committed,
+        unlimited=unlimited,
+    )
+    message.period_start.FromDatetime(engine.period(call.config, datetime.now(UTC)).start)
+    return message
+
+
+def _validate_budget(max_budget: float, period: str, timezone: str) -> tuple[int, str, str]:
+    violations = Violations()
+    if not math.isfinite(max_budget) or max_budget <= 0:
+        violations.add("maxBudget", "must be a positive amount in USD")
+    elif max_budget > MAX_BUDGET_USD:
+        violations.add("maxBudget", f"must be at most {MAX_BUDGET_USD:.0f} USD")
+    if period not in {p.value for p in PeriodKind}:
+        violations.add("period", f"must be one of daily, weekly, monthly, total; got {period[:40]!r}")
+    if timezone and not is_known_zone(timezone):
+        violations.add("timezone", f"unknown IANA timezone {timezone[:64]!r}")
+    violations.raise_if_any()
+    return round(max_budget * MICROS), period, timezone
+
+
+def _request_id(value: str, field: str, violations: Violations) -> None:
+    if not value:
+        violations.add(field, "required")
+    elif len(value) > MAX_REQUEST_ID:
+        violations.add(field, f"must be at most {MAX_REQUEST_ID} characters")
+
+
+class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
+    def __init__(self, resources: Resources, engine: BudgetEngine, events: EventStream) -> None:
         self._resources = resources
+        self._settings = resources.settings
         self._keys = VirtualKeyRepository(resources.db)
+        self._engine = engine
+        self._events = events
+
+    # ------------------------------------------------------------------ request path
+    async def Authorize(
+        self, request: budget_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.AuthorizeResponse:
+        violations = Violations()
+        key_id = str(require_uuid(request.key_id, "keyId"))
+        _request_id(request.request_id, "requestId", violations)
+        if request.estimated_cost_micros < 0:
+            violations.add("estimatedCostMicros", "must not be negative")
+        violations.raise_if_any()
+        try:
+            result, key_call, global_call = await self._engine.authorize(
+                key_id, request.request_id, request.estimated_cost_micros
+            )
+        except StoreUnavailable as exc:
+            return self._failure_policy(key_id, request.request_id, exc)
+        remaining = [
+            _remaining(key_scope(key_id), key_call, result.key_limit, result.key_committed, self._engine),
+            _remaining(GLOBAL_SCOPE, global_call, result.global_limit, result.global_committed, self._engine),
+        ]
+        if result.reason:
+            raise self._denial(key_id, result)
+        metrics.DECISIONS.labels("replayed" if result.replayed else "allowed").inc()
+        response = budget_pb2.AuthorizeResponse(allowed=True, remaining=remaining, replayed=result.replayed)
+        if result.expires_ms:
+            response.expires_at.FromMilliseconds(result.expires_ms)
+        return response
+
+    def _denial(self, key_id: str, result: AuthorizeResult) -> QuotaExceeded:
+        reason, text = _DENIALS[result.reason]
+        scope = GLOBAL_SCOPE if result.reason == 3 else key_scope(key_id)
+        limit, committed = (
+            (result.global_limit, result.global_committed)
+            if result.reason == 3
+            else (result.key_limit, result.key_committed)
+        )
+        metrics.DECISIONS.labels(budget_pb2.DenialReason.Name(reason).removeprefix("DENIAL_REASON_").lower()).inc()
+        if result.reason == 1:
+            description = "virtual key is disabled"
+        else:
+            description = f"budget {_usd(limit):.6f} USD, committed {_usd(committed):.6f} USD in the current period"
+        error = QuotaExceeded(f"authorization denied: {text}", [(scope, description)])
+        error.metadata = {
+            "denialReason": budget_pb2.DenialReason.Name(reason),
+            "keyId": key_id,
+            "scope": scope,
+            "limitMicros": str(max(limit, 0)),
+            "committedMicros": str(committed),
+        }
+        return error
+
+    def _failure_policy(self, key_id: str, request_id: str, exc: Exception) -> budget_pb2.AuthorizeResponse:
+        policy = self._settings.budget_failure_policy
+        metrics.FAILURE_POLICY.labels("authorize", policy).inc()
+        log.warning(
+            "redis unreachable: answering with the failure policy",
+            extra={"policy": policy, "keyId": key_id, "requestId": request_id, "cause": str(exc)},
+        )
+        if policy == "open":
+            metrics.DECISIONS.labels("failure_policy_open").inc()
+            return budget_pb2.AuthorizeResponse(allowed=True, failure_policy_applied=True)
+        metrics.DECISIONS.labels("failure_policy_closed").inc()
+        error = QuotaExceeded(
+            "authorization denied: the budget store is unreachable and the failure policy is closed",
+            [("budget-store", "redis unreachable; failure policy closed")],
+        )
+        error.metadata = {
+            "denialReason": budget_pb2.DenialReason.Name(budget_pb2.DENIAL_REASON_BUDGET_STORE_UNAVAILABLE),
+            "keyId": key_id,
+            "failurePolicy": policy,
+        }
+        raise error
+
+    def _settle_items(self, requests: Sequence[budget_pb2.SettleRequest], prefix: str) -> list[SettleItem]:
+        violations = Violations()
+        items = []
+        for index, request in enumerate(requests):
+            path = f"{prefix}[{index}]." if prefix else ""
+            _request_id(request.request_id, f"{path}requestId", violations)
+            key_id = ""
+            if request.key_id:
+                try:
+                    key_id = str(uuid.UUID(request.key_id))
+                except ValueError:
+                    violations.add(f"{path}keyId", f"must be a UUID, got {request.key_id[:64]!r}")
+            if request.actual_cost_micros < 0:
+                violations.add(f"{path}actualCostMicros", "must not be negative")
+            event_time = request.event_time.ToDatetime(UTC) if request.HasField("event_time") else None
+            items.append(
+                SettleItem(request.request_id, key_id, request.actual_cost_micros, event_time, request.provider)
+            )
+        violations.raise_if_any()
+        return items
+
+    async def _settle(self, items: list[SettleItem], operation: str) -> list[SettleOutcome]:
+        try:
+            return await self._engine.settle(items)
+        except StoreUnavailable as exc:
+            metrics.FAILURE_POLICY.labels(operation, "unavailable").inc()
+            log.warning("redis unreachable: settle not recorded (reconcile rebuilds it)", extra={"cause": str(exc)})
+            raise Unavailable("the budget store is unreachable", metadata={"dependency": "redis"}) from exc
+
+    async def Settle(
+        self, request: budget_pb2.SettleRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.SettleResponse:
+        (item,) = self._settle_items([request], "")
+        (outcome,) = await self._settle([item], "settle")
+        key_call, key_limit, key_spent, key_reserved = outcome.key
+        global_call, global_limit, global_spent, global_reserved = outcome.global_
+        return budget_pb2.SettleResponse(
+            already_settled=outcome.already_settled,
+            overspend_micros=outcome.overspend,
+            remaining=[
+                _remaining(key_scope(item.key_id or "?"), key_call, key_limit, key_spent + key_reserved, self._engine),
+                _remaining(GLOBAL_SCOPE, global_call, global_limit, global_spent + global_reserved, self._engine),
+            ],
+        )
+
+    async def SettleBatch(
+        self, request: budget_pb2.SettleBatchRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.SettleBatchResponse:
+        if len(request.items) > self._settings.ingest_max_batch:
+            raise InvalidArgument.field("items", f"at most {self._settings.ingest_max_batch} items per call")
+        items = self._settle_items(request.items, "items")
+        outcomes = await self._settle(items, "settle_batch")
+        already = sum(1 for o in outcomes if o.already_settled)
+        return budget_pb2.SettleBatchResponse(
+            settled=len(outcomes) - already,
+            already_settled=already,
+            overspend_micros=sum(o.overspend for o in outcomes),
+        )
+
+    async def Release(
+        self, request: budget_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.ReleaseResponse:
+        violations = Violations()
+        _request_id(request.request_id, "requestId", violations)
+        violations.raise_if_any()
+        try:
+            released = await self._engine.release(request.request_id)
+        except StoreUnavailable as exc:
+            metrics.FAILURE_POLICY.labels("release", "unavailable").inc()
+            raise Unavailable("the budget store is unreachable", metadata={"dependency": "redis"}) from exc
+        return budget_pb2.ReleaseResponse(released=released)
+
+    async def WatchBudgetEvents(
+        self, request: budget_pb2.WatchBudgetEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[budget_pb2.WatchBudgetEventsResponse]:
+        async for event in self._events.follow(request.after_id):
+            yield event
+
+    # ------------------------------------------------------------------ admin API
+    async def GetBudgetStatus(
+        self, request: budget_pb2.GetBudgetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.GetBudgetStatusResponse:
+        now = datetime.now(UTC)
+        views = await self._admin_views(now)
+        global_view, key_views = views[0], views[1:]
+        status = budget_pb2.BudgetStatus(global_budget=self._global_status(global_view, now))
+
+        key_ids = [uuid.UUID(v.scope.removeprefix("key:")) for v in key_views]
+        names = await self._engine.repository.key_names(key_ids)
+        usage = []
+        for view, key_uuid in zip(key_views, key_ids, strict=True):
+            limit = view.row.limit_micros if view.row else 0
+            usage.append(
+                budget_pb2.VirtualKeyBudgetUsage(
+                    key_id=str(key_uuid),
+                    key_name=names.get(key_uuid, str(key_uuid)),
+                    max_budget=_usd(limit),
+                    current_spend=_usd(view.spent),
+                    utilization_percentage=view.spent / limit if limit else 0.0,
+                )
+            )
+        usage.sort(key=lambda u: (-u.utilization_percentage, u.key_name))
+        status.budget_breakdown.by_virtual_key.extend(usage)
+
+        providers = await self._store_call(
+            self._engine.store.read_providers(provider_key(global_view.period, global_view.tz))
+        )
+        total = sum(providers.values())
+        for name, spend in sorted(providers.items()):
+            status.budget_breakdown.by_provider[name].spend = _usd(spend)
+            status.budget_breakdown.by_provider[name].percentage = spend / total if total else 0.0
+
+        by_scope = {v.scope: v for v in views}
+        fired = await self._engine.repository.fired_thresholds([(v.scope, v.period.start) for v in views if v.row])
+        for row in sorted(fired, key=lambda r: (-r["threshold"], r["scope"])):
+            view = by_scope[row["scope"]]
+            limit = view.row.limit_micros if view.row else 0
+            threshold = float(row["threshold"])
+            is_key = view.scope != GLOBAL_SCOPE
+            key_id = view.scope.removeprefix("key:") if is_key else ""
+            subject = f"Virtual key '{names.get(uuid.UUID(key_id), key_id)}'" if is_key else "Global budget"
+            exceeded = row["kind"] == "exceeded"
+            status.budget_alerts.append(
+                budget_pb2.BudgetAlert(
+                    level="critical" if exceeded or threshold >= 0.9 else "warning" if threshold >= 0.75 else "info",
+                    message=f"{subject} has exceeded its budget"
+                    if exceeded
+                    else f"{subject} has reached {percent(threshold)} of budget",
+                    key_id=key_id,
+                    percentage=threshold,
+                    remaining_budget=_usd(limit - view.spent),
+                )
+            )
+        return budget_pb2.GetBudgetStatusResponse(success=True, data=status)
+
+    def _global_status(self, view: ScopeView, now: datetime) -> budget_pb2.GlobalBudgetStatus:
+        limit = view.row.limit_micros if view.row else 0
+        zone = self._engine.zone(view.tz)
+        today = now.astimezone(zone).date()
+        start = view.period.start
+        if view.period.end is None and view.row is not None:
+            start = view.row.created_at  # a 'total' budget averages over its own lifetime
+        elapsed_days = max(1, (today - start.astimezone(zone).date()).days + 1)
+        average = view.spent / elapsed_days
+        if view.period.end is not None:
+            last_day = (view.period.end - timedelta(microseconds=1)).astimezone(zone).date()
+            days_remaining = max(0, (last_day - today).days)
+            projected_period = average * (elapsed_days + days_remaining)
+        else:
+            days_remaining = 0
+            projected_period = float(view.spent)
+        return budget_pb2.GlobalBudgetStatus(
+            max_budget=_usd(limit),
+            current_spend=_usd(view.spent),
+            remaining_budget=_usd(limit - view.spent) if limit else 0.0,
+            utilization_percentage=view.spent / limit if limit else 0.0,
+            projected_monthly_spend=round(average * days_in_month(now, zone)) / MICROS,
+            on_track=not limit or projected_period <= limit,
+            days_remaining=days_remaining,
+            average_daily_spend=round(average) / MICROS,
+        )
+
+    async def _store_call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except StoreUnavailable as exc:
+            raise Unavailable("the budget store is unreachable", metadata={"dependency": "redis"}) from exc
+
+    async def _admin_views(self, now: datetime) -> list[ScopeView]:
+        return await self._store_call(self._engine.views(now))
+
+    async def GetBudgetAlerts(
+        self, request: budget_pb2.GetBudgetAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.GetBudgetAlertsResponse:
+        stored = await self._engine.repository.alert_config()
+        config = alerts.AlertConfig() if stored is None else alerts.AlertConfig.from_json(stored[0])
+        data = alerts.to_proto(config)
+        if stored is not None:
+            data.updated_at.FromDatetime(stored[1])
+        return budget_pb2.GetBudgetAlertsResponse(success=True, data=data)
+
+    async def UpdateBudgetAlerts(
+        self, request: budget_pb2.UpdateBudgetAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.UpdateBudgetAlertsResponse:
+        config = alerts.parse_request(request)
+        updated_at = await self._engine.repository.put_alert_config(config.to_json())
+        self._engine.evaluator.use_config(config)
+        data = alerts.to_proto(config)
+        data.updated_at.FromDatetime(updated_at)
+        return budget_pb2.UpdateBudgetAlertsResponse(success=True, data=data)
+
+    async def GetGlobalBudget(
+        self, request: budget_pb2.GetGlobalBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.GetGlobalBudgetResponse:
+        views = await self._admin_views(datetime.now(UTC))
+        return budget_pb2.GetGlobalBudgetResponse(success=True, data=_budget_message(views[0]))
+
+    async def UpdateGlobalBudget(
+        self, request: budget_pb2.UpdateGlobalBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.UpdateGlobalBudgetResponse:
+        limit, period, timezone = _validate_budget(request.max_budget, request.period, request.timezone)
+        await self._store_call(self._engine.put_budget(GLOBAL_SCOPE, None, limit, period, timezone))
+        views = await self._admin_views(datetime.now(UTC))
+        return budget_pb2.UpdateGlobalBudgetResponse(success=True, data=_budget_message(views[0]))
+
+    async def _key_view(self, key_id: uuid.UUID) -> ScopeView:
+        views = await self._admin_views(datetime.now(UTC))
+        for view in views:
+            if view.scope == key_scope(str(key_id)):
+                return view
+        if await self._keys.get(key_id) is None:
+            raise NotFound(f"virtual key {key_id} is unknown", metadata={"keyId": str(key_id)})
+        raise NotFound(f"virtual key {key_id} has no budget", metadata={"keyId": str(key_id)})
+
+    async def GetVirtualKeyBudget(
+        self, request: budget_pb2.GetVirtualKeyBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.GetVirtualKeyBudgetResponse:
+        key_id = require_uuid(request.key_id, "keyId")
+        return budget_pb2.GetVirtualKeyBudgetResponse(success=True, data=_budget_message(await self._key_view(key_id)))
+
+    async def UpdateVirtualKeyBudget(
+        self, request: budget_pb2.UpdateVirtualKeyBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.UpdateVirtualKeyBudgetResponse:
+        key_id = require_uuid(request.key_id, "keyId")
+        limit, period, timezone = _validate_budget(request.max_budget, request.period, request.timezone)
+        await self._store_call(self._engine.put_budget(key_scope(str(key_id)), key_id, limit, period, timezone))
+        return budget_pb2.UpdateVirtualKeyBudgetResponse(
+            success=True, data=_budget_message(await self._key_view(key_id))
+        )
+
+    async def ReconcileBudgets(
+        self, request: budget_pb2.ReconcileBudgetsRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.ReconcileBudgetsResponse:
+        scopes, drift = await self._store_call(self._engine.reconcile(trigger="manual"))
+        result = budget_pb2.ReconcileResult(scopes=scopes, drift=_usd(drift))
+        result.reconciled_at.FromDatetime(datetime.now(UTC))
+        return budget_pb2.ReconcileBudgetsResponse(success=True, data=result)
+
+    # ------------------------------------------------------------------ virtual keys
+    async def _key_with_budget(self, record: VirtualKeyRecord) -> budget_pb2.VirtualKey:
+        message = _key_message(record)
+        row = await self._engine.repository.budget(key_scope(str(record.key_id)))
+        if row is not None:
+            views = await self._admin_views(datetime.now(UTC))
+            for view in views:
+                if view.scope == row.scope:
+                    message.budget.CopyFrom(_budget_message(view))
+        return message
 
     async def GetVirtualKey(
         self, request: budget_pb2.GetVirtualKeyRequest, context: grpc.aio.ServicerContext
@@ -39,7 +465,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         record = await self._keys.get(key_id)
         if record is None:
             raise NotFound(f"virtual key {key_id} is unknown", metadata={"keyId": str(key_id)})
-        return budget_pb2.GetVirtualKeyResponse(success=True, data=_key_message(record))
+        return budget_pb2.GetVirtualKeyResponse(success=True, data=await self._key_with_budget(record))
 
     async def UpdateVirtualKey(
         self, request: budget_pb2.UpdateVirtualKeyRequest, context: grpc.aio.ServicerContext
@@ -64,14 +490,74 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             page.next_page_token = encode_page_token([last.key_name, str(last.key_id)])
         return budget_pb2.ListVirtualKeysResponse(success=True, data=page)
 
+    async def _set_enabled(self, key_id: uuid.UUID, enabled: bool, reason: str) -> budget_pb2.VirtualKey:
+        found = await self._store_call(self._engine.set_enabled(key_id, enabled, reason))
+        if not found:
+            raise NotFound(f"virtual key {key_id} is unknown", metadata={"keyId": str(key_id)})
+        event_type = budget_pb2.BUDGET_EVENT_TYPE_KEY_ENABLED if enabled else budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED
+        text = "enabled by an admin" if enabled else f"disabled by an admin: {reason}"
+        await self._store_call(
+            self._events.publish(BudgetEvent(event_type, key_scope(str(key_id)), str(key_id), 0.0, 0, 0, text))
+        )
+        record = await self._keys.get(key_id)
+        assert record is not None
+        return await self._key_with_budget(record)
+
+    async def EnableVirtualKey(
+        self, request: budget_pb2.EnableVirtualKeyRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.EnableVirtualKeyResponse:
+        key_id = require_uuid(request.key_id, "keyId")
+        return budget_pb2.EnableVirtualKeyResponse(success=True, data=await self._set_enabled(key_id, True, ""))
+
+    async def DisableVirtualKey(
+        self, request: budget_pb2.DisableVirtualKeyRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.DisableVirtualKeyResponse:
+        key_id = require_uuid(request.key_id, "keyId")
+        if len(request.reason) > MAX_REASON:
+            raise InvalidArgument.field("reason", f"must be at most {MAX_REASON} characters")
+        reason = request.reason.strip() or "disabled by an admin"
+        return budget_pb2.DisableVirtualKeyResponse(success=True, data=await self._set_enabled(key_id, False, reason))
+
 
 async def build(resources: Resources) -> Sequence[Registration]:
+    settings = resources.settings
+    timeout = settings.budget_redis_timeout_ms / 1000
+    # The request path gets its own client: short socket timeouts and one immediate retry (a
+    # pooled connection broken by a Redis restart reconnects), so an unreachable Redis turns into
+    # the failure policy within the caller's deadline.
+    fast_options: dict[str, object] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if not settings.redis_cluster:
+        fast_options["retry"] = Retry(NoBackoff(), 1)
+    fast = create_redis(settings, **fast_options)
+    reader = create_redis(settings, socket_timeout=BLOCK_MS / 1000 + 5)
+
+    repository = BudgetRepository(resources.db)
+    events = EventStream(resources.redis, reader, settings.budget_event_stream_maxlen)
+    worker = DeliveryWorker(resources.db, settings)
+    store = BudgetStore(fast, default=ScopeConfig(DEFAULT_PERIOD.value, settings.timezone))
+    evaluator = Evaluator(settings, resources.db, repository, store, events, worker.wake)
+    engine = BudgetEngine(settings, store, repository, evaluator)
+    if settings.budget_reconcile_on_start:
+        try:
+            await engine.reconcile(trigger="start")
+        except Exception:
+            # Redis may be down at start: the request path rebuilds once it is back (NOT_LOADED).
+            log.exception("reconcile at start failed")
+    tasks = BackgroundTasks(settings, engine, worker)
+    tasks.start()
+
+    async def close() -> None:
+        await tasks.stop()
+        await worker.close()
+        await fast.aclose()
+        await reader.aclose()
+
+    resources.closers.append(close)
     return [
         Registration(
-            # Until their issues land, unimplemented RPCs fall through to the generated base,
-            # which answers UNIMPLEMENTED; mypy sees them as abstract.
-            BudgetServicer(resources),  # type: ignore[abstract]
+            BudgetServicer(resources, engine, events),
             budget_pb2_grpc.add_BudgetServiceServicer_to_server,
             budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
+            quiet_methods=_REQUEST_PATH,
         )
     ]

@@ -91,16 +91,50 @@ def _count(value: int, field: str) -> int:
     return value
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ZERO_SECONDS = Decimal("0.000")
+# Small bounded caches for values that repeat across events (names, key ids, end users).
+_CACHE_LIMIT = 100_000
+_good_names: set[str] = set()
+_key_ids: dict[str, uuid.UUID] = {}
+_user_hashes: dict[tuple[bytes, str], str] = {}
+
+
 def _name(value: str, field: str) -> str:
+    if value in _good_names:
+        return value
     if not value:
         raise Rejected(field, "required")
     if len(value) > MAX_NAME_LENGTH or not NAME.match(value):
         raise Rejected(field, f"must be 1-{MAX_NAME_LENGTH} characters of letters, digits and ._:/@+-")
+    if len(_good_names) < _CACHE_LIMIT:
+        _good_names.add(value)
     return value
 
 
+def _key_id(value: str) -> uuid.UUID:
+    key_id = _key_ids.get(value)
+    if key_id is None:
+        if not value:
+            raise Rejected("virtualKeyId", "required")
+        try:
+            key_id = uuid.UUID(value)
+        except ValueError:
+            raise Rejected("virtualKeyId", "must be a UUID") from None
+        if len(_key_ids) >= _CACHE_LIMIT:
+            _key_ids.clear()
+        _key_ids[value] = key_id
+    return key_id
+
+
 def hash_end_user(key: bytes, end_user_id: str) -> str:
-    return hmac.new(key, end_user_id.encode(), hashlib.sha256).hexdigest()
+    cached = _user_hashes.get((key, end_user_id))
+    if cached is None:
+        cached = hmac.digest(key, end_user_id.encode(), hashlib.sha256).hex()
+        if len(_user_hashes) >= _CACHE_LIMIT:
+            _user_hashes.clear()
+        _user_hashes[(key, end_user_id)] = cached
+    return cached
 
 
 def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, prices: PriceBook) -> ValidEvent:
@@ -112,24 +146,23 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         raise Rejected("requestId", f"must be at most {MAX_ID_LENGTH} characters")
     if not event.HasField("event_time"):
         raise Rejected("eventTime", "required (a retry must carry the original event time)")
-    event_time = event.event_time.ToDatetime(tzinfo=UTC)
+    stamp = event.event_time
+    event_time = _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
     if event_time > now + policy.future_skew:
         raise Rejected("eventTime", f"is in the future beyond the allowed skew of {policy.future_skew}")
     if event_time < now - policy.late_window:
         raise Rejected("eventTime", f"is older than the late window of {policy.late_window}")
-    if not event.virtual_key_id:
-        raise Rejected("virtualKeyId", "required")
-    try:
-        key_id = uuid.UUID(event.virtual_key_id)
-    except ValueError:
-        raise Rejected("virtualKeyId", "must be a UUID") from None
+    key_id = _key_id(event.virtual_key_id)
     provider = _name(event.provider, "provider")
     model = _name(event.model, "model")
     operation = event.operation
-    if not operation:
-        raise Rejected("operation", "required")
-    if len(operation) > 64 or not OPERATION.match(operation):
-        raise Rejected("operation", "must be dotted lower-case words, e.g. chat.completions")
+    if operation not in _good_names:
+        if not operation:
+            raise Rejected("operation", "required")
+        if len(operation) > 64 or not OPERATION.match(operation):
+            raise Rejected("operation", "must be dotted lower-case words, e.g. chat.completions")
+        if len(_good_names) < _CACHE_LIMIT:
+            _good_names.add(operation)
     input_tokens = _count(event.input_tokens, "inputTokens")
     output_tokens = _count(event.output_tokens, "outputTokens")
     cached_read = _count(event.cached_read_tokens, "cachedReadTokens")
@@ -191,7 +224,8 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
     row = (
         event_time, request_id, key_id, provider, model, operation,
         input_tokens, output_tokens, cached_read, cache_write, reasoning,
-        images, Decimal(audio_ms).scaleb(-3), latency_ms, ttft_ms if event.time_to_first_token_ms else None,
+        images, Decimal(audio_ms).scaleb(-3) if audio_ms else _ZERO_SECONDS,
+        latency_ms, ttft_ms if event.time_to_first_token_ms else None,
         http_status, error_type, event.streaming,
         event.tools_used, end_user_hash, event.prompt_fingerprint or None, cost, source, price_id,
         Jsonb(tags) if tags is not None else None,

@@ -168,6 +168,17 @@ class Settings(BaseSettings):
     smtp_starttls: bool = Field(False, description="Upgrade the SMTP connection with STARTTLS.")
     smtp_from: str = Field("tally@localhost", description="Sender address of notification emails.")
 
+    # --- analytics
+    analytics_max_data_points: int = Field(
+        2500, gt=0, description="Most buckets one analytics timeline may have (e.g. minute over 90d is refused)."
+    )
+    analytics_max_period_days: int = Field(
+        400, gt=0, description="Longest analytics period or forecast horizon, in days."
+    )
+    analytics_budget_timeout_seconds: float = Field(
+        1.0, gt=0, description="Longest wait for the budget service when analytics reads budgets."
+    )
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:

@@ -1,0 +1,421 @@
+"""Budget enforcement: the request path (authorize, settle, release), the failure policy,
+reconciliation from the database and budget configuration. Knows nothing of gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+from zoneinfo import ZoneInfo
+
+import redis.exceptions
+
+from services.budget import metrics
+from services.budget.evaluator import Evaluator, ScopeSpend
+from services.budget.periods import Period, PeriodKind, period_at, zone_named
+from services.budget.repository import BudgetRepository, BudgetRow
+from services.budget.store import (
+    GLOBAL_SCOPE,
+    AuthorizeResult,
+    BudgetStore,
+    Outcome,
+    ScopeCall,
+    ScopeConfig,
+    counter_key,
+    key_scope,
+    provider_key,
+)
+from tally.runtime import context
+from tally.runtime.config import Settings
+from tally.runtime.errors import Unavailable
+
+log = logging.getLogger("tally.budget")
+
+T = TypeVar("T")
+DEFAULT_PERIOD = PeriodKind.MONTHLY
+# Time kept back from the caller's deadline to answer with the failure policy.
+_DEADLINE_MARGIN = 0.02
+_MAX_CONFIG_CACHE = 200_000
+_RECONCILE_CHUNK = 200
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer in time (or at all)."""
+
+
+_REDIS_FAILURES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class SettleItem:
+    request_id: str
+    key_id: str
+    actual: int
+    event_time: datetime | None
+    provider: str
+
+
+@dataclass(frozen=True)
+class SettleOutcome:
+    already_settled: bool
+    overspend: int
+    key: tuple[ScopeCall, int, int, int]  # call, limit, spent, reserved
+    global_: tuple[ScopeCall, int, int, int]
+
+
+@dataclass(frozen=True)
+class ScopeView:
+    """A scope's budget and counters in its current period, for the admin API."""
+
+    scope: str
+    row: BudgetRow | None
+    period: Period
+    tz: str
+    spent: int
+    reserved: int
+
+
+class BudgetEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        store: BudgetStore,
+        repository: BudgetRepository,
+        evaluator: Evaluator,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.repository = repository
+        self.evaluator = evaluator
+        self.default = ScopeConfig(DEFAULT_PERIOD.value, settings.timezone)
+        self._configs: dict[str, ScopeConfig] = {}
+        self._zones: dict[str, ZoneInfo] = {}
+        self._periods: dict[tuple[str, str], Period] = {}
+        self._redis_timeout = settings.budget_redis_timeout_ms / 1000
+        self._ttl_ms = int(settings.budget_reservation_ttl_seconds * 1000)
+        self._settled_ttl_ms = settings.budget_settled_ttl_seconds * 1000
+        self._retention = settings.budget_counter_retention_seconds
+        self._reconcile_lock = asyncio.Lock()
+        self._reconcile_task: asyncio.Task[tuple[int, int]] | None = None
+
+    # ------------------------------------------------------------------ periods and keys
+    def zone(self, name: str) -> ZoneInfo:
+        zone = self._zones.get(name)
+        if zone is None:
+            zone = self._zones[name] = zone_named(name, self.settings.zone)
+        return zone
+
+    def period(self, config: ScopeConfig, at: datetime) -> Period:
+        cached = self._periods.get((config.period, config.tz))
+        if cached is not None and cached.start <= at and (cached.end is None or at < cached.end):
+            return cached
+        period = period_at(PeriodKind(config.period), self.zone(config.tz), at)
+        self._periods[(config.period, config.tz)] = period
+        return period
+
+    def call(self, scope: str, config: ScopeConfig, at: datetime) -> ScopeCall:
+        period = self.period(config, at)
+        expire_at = 0 if period.end is None else int(period.end.timestamp()) + self._retention
+        return ScopeCall(config, counter_key(scope, period, config.tz), expire_at)
+
+    def config_of(self, row: BudgetRow | None) -> ScopeConfig:
+        if row is None:
+            return self.default
+        return ScopeConfig(row.period, row.timezone or self.settings.timezone)
+
+    def _cached(self, scope: str) -> ScopeConfig:
+        return self._configs.get(scope, self.default)
+
+    def _remember(self, scope: str, config: ScopeConfig) -> None:
+        if len(self._configs) > _MAX_CONFIG_CACHE:
+            self._configs.clear()
+        self._configs[scope] = config
+
+    # ------------------------------------------------------------------ deadline-bound Redis calls
+    def _timeout(self) -> float:
+        remaining = context.seconds_remaining()
+        if remaining is None:
+            return self._redis_timeout
+        return min(self._redis_timeout, remaining - _DEADLINE_MARGIN)
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        timeout = self._timeout()
+        if timeout <= 0:
+            if asyncio.iscoroutine(call):
+                call.close()
+            raise StoreUnavailable("no time left before the caller's deadline")
+        try:
+            async with asyncio.timeout(timeout):
+                return await call
+        except _REDIS_FAILURES as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ request path
+    async def authorize(
+        self, key_id: str, request_id: str, estimate: int
+    ) -> tuple[AuthorizeResult, ScopeCall, ScopeCall]:
+        scope = key_scope(key_id)
+        now = datetime.now(UTC)
+        for _ in range(4):
+            key_call = self.call(scope, self._cached(scope), now)
+            global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), now)
+            result = await self._bounded(
+                self.store.authorize(
+                    request_id=request_id,
+                    key_id=key_id,
+                    estimate=estimate,
+                    key=key_call,
+                    global_=global_call,
+                    ttl_ms=self._ttl_ms,
+                    record_ttl_ms=self._ttl_ms + self._settled_ttl_ms,
+                )
+            )
+            if result.outcome is Outcome.NOT_LOADED:
+                await self.ensure_loaded()
+                continue
+            if result.stale is not None:
+                self._remember(scope, result.stale[0])
+                self._remember(GLOBAL_SCOPE, result.stale[1])
+                continue
+            return result, key_call, global_call
+        raise Unavailable("the budget configuration kept changing during the call; retry")
+
+    async def settle(self, items: Sequence[SettleItem]) -> list[SettleOutcome]:
+        outcomes = [await self._settle_one(item) for item in items]
+        spends: dict[tuple[str, str], ScopeSpend] = {}
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.already_settled:
+                continue
+            for scope, (call, limit, spent, _reserved) in (
+                (key_scope(item.key_id), outcome.key),
+                (GLOBAL_SCOPE, outcome.global_),
+            ):
+                if limit < 0:
+                    continue
+                mark = (scope, call.counter)
+                current = spends.get(mark)
+                if current is None or spent > current.spent:
+                    spends[mark] = ScopeSpend(
+                        scope=scope,
+                        key_id=item.key_id if scope != GLOBAL_SCOPE else "",
+                        period=self.period(call.config, item.event_time or datetime.now(UTC)),
+                        spent=spent,
+                        limit=limit,
+                    )
+        for spend in spends.values():
+            try:
+                await self.evaluator.on_spend(spend)
+            except Exception:
+                # The spend is settled; the next settle (or the maintenance pass) evaluates again.
+                log.exception("threshold evaluation failed", extra={"scope": spend.scope})
+        return outcomes
+
+    async def _settle_one(self, item: SettleItem) -> SettleOutcome:
+        at = item.event_time or datetime.now(UTC)
+        key_id = item.key_id
+        if not key_id:
+            found = await self._bounded(self.store.reservation_key_id(item.request_id))
+            if found is None:
+                from tally.runtime.errors import InvalidArgument
+
+                raise InvalidArgument.field("keyId", "required when the request id has no reservation")
+            key_id = found
+            item = SettleItem(item.request_id, key_id, item.actual, item.event_time, item.provider)
+        scope = key_scope(key_id)
+        for _ in range(4):
+            key_call = self.call(scope, self._cached(scope), at)
+            global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), at)
+            global_period = self.period(global_call.config, at)
+            result = await self._bounded(
+                self.store.settle(
+                    request_id=item.request_id,
+                    key_id=key_id,
+                    actual=item.actual,
+                    key=key_call,
+                    global_=global_call,
+                    provider_hash=provider_key(global_period, global_call.config.tz),
+                    provider=item.provider or "unknown",
+                    settled_ttl_ms=self._settled_ttl_ms,
+                )
+            )
+            if result.outcome is Outcome.NOT_LOADED:
+                await self.ensure_loaded()
+                continue
+            if result.stale is not None:
+                self._remember(scope, result.stale[0])
+                self._remember(GLOBAL_SCOPE, result.stale[1])
+                continue
+            assert result.key is not None and result.global_ is not None
+            if result.overspend:
+                metrics.OVERSPEND.inc(result.overspend)
+                log.warning(
+                    "settled above the reservation",
+                    extra={"requestId": item.request_id, "keyId": key_id, "overspendMicros": result.overspend},
+                )
+            return SettleOutcome(
+                already_settled=result.already_settled,
+                overspend=result.overspend,
+                key=(key_call, result.key.limit, result.key.spent, result.key.reserved),
+                global_=(global_call, result.global_.limit, result.global_.spent, result.global_.reserved),
+            )
+        raise Unavailable("the budget configuration kept changing during the call; retry")
+
+    async def release(self, request_id: str) -> bool:
+        return await self._bounded(self.store.release(request_id))
+
+    # ------------------------------------------------------------------ reconciliation
+    async def ensure_loaded(self) -> None:
+        """After a FLUSHALL (or on a fresh Redis) rebuilds counters once, shared by concurrent calls;
+        the caller waits at most until its deadline."""
+        task = self._reconcile_task
+        if task is None or task.done():
+            # A fresh context: the rebuild must not inherit (and die at) one caller's deadline.
+            task = asyncio.get_running_loop().create_task(
+                self.reconcile(trigger="not_loaded"), context=contextvars.Context()
+            )
+            self._reconcile_task = task
+        remaining = context.seconds_remaining()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), None if remaining is None else max(0.0, remaining - 0.05))
+        except TimeoutError as exc:
+            raise StoreUnavailable("counters are being rebuilt") from exc
+
+    async def reconcile(self, trigger: str = "manual") -> tuple[int, int]:
+        """Rebuilds every budget scope's configuration and settled spend from the database.
+        Returns (scopes rebuilt, drift in micro-units found before the rebuild)."""
+        async with self._reconcile_lock:
+            started = time.monotonic()
+            now = datetime.now(UTC)
+            rows = await self.repository.budgets()
+            disabled = {str(k) for k in await self.repository.disabled_keys()}
+            by_scope = {row.scope: row for row in rows}
+            global_row = by_scope.get(GLOBAL_SCOPE)
+            global_config = self.config_of(global_row)
+            global_period = self.period(global_config, now)
+
+            scopes: list[tuple[str, BudgetRow | None, ScopeConfig]] = [(GLOBAL_SCOPE, global_row, global_config)]
+            for row in rows:
+                if row.key_id is not None:
+                    scopes.append((row.scope, row, self.config_of(row)))
+            budgeted = {row.scope for row in rows}
+            for key_id in disabled:
+                if key_scope(key_id) not in budgeted:
+                    scopes.append((key_scope(key_id), None, self.default))
+
+            # Spend per scope, one query per distinct period.
+            spend: dict[str, int] = {}
+            groups: dict[tuple[str, str], list[str]] = {}
+            for scope, _row, config in scopes:
+                groups.setdefault((config.period, config.tz), []).append(scope)
+            for (kind, tz), members in groups.items():
+                period = self.period(ScopeConfig(kind, tz), now)
+                key_ids = [uuid.UUID(s.removeprefix("key:")) for s in members if s != GLOBAL_SCOPE]
+                if GLOBAL_SCOPE in members:
+                    spend[GLOBAL_SCOPE] = (await self.repository.spend(period.start, None)).get(None, 0)
+                if key_ids:
+                    sums = await self.repository.spend(period.start, None, group_by="key_id", key_ids=key_ids)
+                    for key_uuid in key_ids:
+                        spend[key_scope(str(key_uuid))] = sums.get(key_uuid, 0)
+
+            drift_global = 0
+            drift_keys = 0
+            entries = [
+                (
+                    scope,
+                    None if row is None else row.limit_micros,
+                    self.call(scope, config, now),
+                    scope.removeprefix("key:") in disabled,
+                    spend.get(scope, 0),
+                )
+                for scope, row, config in scopes
+            ]
+            for index in range(0, len(entries), _RECONCILE_CHUNK):
+                chunk = entries[index : index + _RECONCILE_CHUNK]
+                if index == 0:
+                    drift_global = await self.store.reconcile_chunk(chunk[:1])
+                    drift_keys += await self.store.reconcile_chunk(chunk[1:])
+                else:
+                    drift_keys += await self.store.reconcile_chunk(chunk)
+            providers = await self.repository.spend(global_period.start, None, group_by="provider")
+            global_call = self.call(GLOBAL_SCOPE, global_config, now)
+            await self.store.finish_reconcile(
+                now.isoformat(),
+                provider_key(global_period, global_config.tz),
+                global_call.expire_at,
+                {str(name): value for name, value in providers.items() if value},
+            )
+            self._configs.clear()
+            for scope, _row, config in scopes:
+                self._remember(scope, config)
+            metrics.DRIFT.labels("global").set(drift_global)
+            metrics.DRIFT.labels("keys").set(drift_keys)
+            metrics.RECONCILES.labels(trigger).inc()
+            log.info(
+                "budget counters rebuilt from the database",
+                extra={
+                    "trigger": trigger,
+                    "scopes": len(entries),
+                    "driftMicros": drift_global + drift_keys,
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
+            return len(entries), drift_global + drift_keys
+
+    async def measure_drift(self) -> int:
+        """Compares Redis with the database for every budget scope (changes nothing); sets the gauge."""
+        now = datetime.now(UTC)
+        views = await self.views(now)
+        drift = {"global": 0, "keys": 0}
+        for view in views:
+            if view.row is None and view.scope != GLOBAL_SCOPE:
+                continue
+            key_ids = None if view.scope == GLOBAL_SCOPE else [uuid.UUID(view.scope.removeprefix("key:"))]
+            sums = await self.repository.spend(view.period.start, None, group_by=None, key_ids=key_ids)
+            drift["global" if view.scope == GLOBAL_SCOPE else "keys"] += abs(view.spent - sums.get(None, 0))
+        for kind, value in drift.items():
+            metrics.DRIFT.labels(kind).set(value)
+        return drift["global"] + drift["keys"]
+
+    # ------------------------------------------------------------------ configuration and views
+    async def views(self, now: datetime, rows: Sequence[BudgetRow] | None = None) -> list[ScopeView]:
+        """Global first (budget or not), then every key with a budget, with live counters."""
+        if rows is None:
+            rows = await self.repository.budgets()
+        global_row = next((r for r in rows if r.scope == GLOBAL_SCOPE), None)
+        scopes: list[tuple[str, BudgetRow | None]] = [(GLOBAL_SCOPE, global_row)]
+        scopes += [(r.scope, r) for r in rows if r.scope != GLOBAL_SCOPE]
+        calls = [self.call(scope, self.config_of(row), now) for scope, row in scopes]
+        counts = await self._bounded(self.store.read_counters([c.counter for c in calls]))
+        return [
+            ScopeView(scope, row, self.period(call.config, now), call.config.tz, spent, reserved)
+            for (scope, row), call, (spent, reserved) in zip(scopes, calls, counts, strict=True)
+        ]
+
+    async def put_budget(
+        self, scope: str, key_id: uuid.UUID | None, limit: int, period: str, timezone: str
+    ) -> BudgetRow:
+        row, previous = await self.repository.put_budget(scope, key_id, limit, period, timezone)
+        now = datetime.now(UTC)
+        config = self.config_of(row)
+        call = self.call(scope, config, now)
+        spend: int | None = None
+        if previous is None or self.config_of(previous) != config:
+            # A new period definition: its counter starts from the database's truth.
+            current = self.period(config, now)
+            key_ids = None if key_id is None else [key_id]
+            spend = (await self.repository.spend(current.start, None, key_ids=key_ids)).get(None, 0)
+        await self.store.set_scope(scope, limit, call, spend)
+        self._remember(scope, config)
+        return row
+
+    async def set_enabled(self, key_id: uuid.UUID, enabled: bool, reason: str | None) -> bool:
+        if not await self.repository.set_key_enabled(key_id, enabled, reason):
+            return False
+        await self.store.set_disabled(key_scope(str(key_id)), not enabled)
+        return True

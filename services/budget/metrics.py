@@ -1,0 +1,22 @@
+"""Prometheus metrics of the budget service (served with the shared RPC metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+DECISIONS = Counter("tally_budget_decisions_total", "Authorize decisions, by outcome.", ["outcome"])
+FAILURE_POLICY = Counter(
+    "tally_budget_failure_policy_total",
+    "Calls answered by the failure policy because Redis was unreachable.",
+    ["operation", "policy"],
+)
+OVERSPEND = Counter(
+    "tally_budget_overspend_micros_total", "Settled spend above its reservation (micro-units), by scope kind."
+)
+DRIFT = Gauge(
+    "tally_budget_drift_micros",
+    "Absolute difference between Redis settled counters and the database for current periods (micro-units).",
+    ["scope_kind"],
+)
+RECONCILES = Counter("tally_budget_reconciles_total", "Counter rebuilds from the database, by trigger.", ["trigger"])
+ALERTS_FIRED = Counter("tally_budget_alerts_fired_total", "Alerts fired (once per threshold per period).", ["kind"])

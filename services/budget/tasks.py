@@ -1,0 +1,92 @@
+"""Background work of a budget process: notification delivery, cost-spike checks, the drift
+gauge, sweeping lapsed reservations, syncing disabled keys and recording closed periods.
+Every replica runs them; each is safe to run concurrently (SKIP LOCKED, ON CONFLICT, Lua)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from services.budget.engine import BudgetEngine
+from services.budget.periods import previous_period
+from services.budget.store import GLOBAL_SCOPE, key_scope
+from tally.notify import DeliveryWorker
+from tally.runtime.config import Settings
+
+log = logging.getLogger("tally.budget.tasks")
+
+
+class BackgroundTasks:
+    def __init__(self, settings: Settings, engine: BudgetEngine, worker: DeliveryWorker) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._worker = worker
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        s = self._settings
+        self._tasks = [
+            asyncio.create_task(self._worker.run(self._stop), name="notify-worker"),
+            asyncio.create_task(self._every(s.budget_spike_check_seconds, self._spikes), name="spikes"),
+            asyncio.create_task(self._every(s.budget_drift_check_seconds, self._drift), name="drift"),
+            asyncio.create_task(self._every(s.budget_maintenance_seconds, self.maintenance), name="maintenance"),
+        ]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _every(self, seconds: float, work: Callable[[], Awaitable[object]]) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds)
+            if self._stop.is_set():
+                return
+            try:
+                await work()
+            except Exception:
+                log.exception("background task failed", extra={"task": getattr(work, "__name__", "?")})
+
+    async def _spikes(self) -> None:
+        await self._engine.evaluator.check_spikes()
+
+    async def _drift(self) -> None:
+        if await self._engine.store.is_loaded():
+            await self._engine.measure_drift()
+
+    async def maintenance(self) -> None:
+        engine = self._engine
+        await engine.store.sweep()
+        # A disable whose Redis write failed after its commit still takes effect here.
+        for key_id in await engine.repository.disabled_keys():
+            await engine.store.set_disabled(key_scope(str(key_id)), True)
+        now = datetime.now(UTC)
+        for row in await engine.repository.budgets():
+            config = engine.config_of(row)
+            zone = engine.zone(config.tz)
+            closed = previous_period(engine.period(config, now), zone)
+            if closed is None or closed.end is None:
+                continue
+            if closed.end <= row.created_at or await engine.repository.has_period_total(
+                row.scope, row.period, config.tz, closed.start
+            ):
+                continue
+            key_ids = None if row.key_id is None else [row.key_id]
+            spend = (await engine.repository.spend(closed.start, closed.end, key_ids=key_ids)).get(None, 0)
+            await engine.repository.record_period_total(
+                scope=row.scope if row.scope != GLOBAL_SCOPE else GLOBAL_SCOPE,
+                period=row.period,
+                timezone=config.tz,
+                start=closed.start,
+                end=closed.end,
+                spend_micros=spend,
+                limit_micros=row.limit_micros,
+            )

@@ -1,0 +1,957 @@
+"""Budget enforcement against real servers: a budget service (and replicas) over its own
+TimescaleDB database and Redis, a 3-master Redis Cluster, Envoy, an SMTP server and an HTTP
+receiver, all on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import grpc
+import httpx
+import psycopg
+import pytest
+import redis as redis_py
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.budget.periods import PeriodKind, period_at
+from tally.budget.v1 import budget_pb2, budget_pb2_grpc
+from tally.devstack import (
+    ROOT,
+    Postgres,
+    Redis,
+    RedisClusterNodes,
+    Suite,
+    free_cluster_port,
+    free_port,
+)
+from tally.notify import sign_webhook
+from tally.runtime.config import ServiceName
+from tests.conftest import stack_env
+from tests.test_notify import HttpReceiver, SmtpServer, fresh_database, wait_until
+
+USD = 1_000_000
+SECRET = "whsec_" + base64.b64encode(b"budget-test-webhook-secret-000000").decode()
+ALERTS = {
+    "globalBudgetAlerts": {
+        "enabled": True,
+        "thresholds": [
+            {
+                "percentage": 0.7,
+                "actions": ["webhook", "email"],
+                "recipients": ["admin@company.com"],
+                "message": "Global budget 70% utilized",
+            },
+            {
+                "percentage": 0.9,
+                "actions": ["webhook", "email", "slack", "pagerduty"],
+                "recipients": ["admin@company.com"],
+                "channels": ["#alerts"],
+                "urgency": "high",
+                "message": "Global budget 90% utilized - immediate attention required",
+            },
+        ],
+    },
+    "virtualKeyBudgetAlerts": {
+        "enabled": True,
+        "defaultThresholds": [0.5, 0.8, 0.95],
+        "actions": {"0.5": ["webhook"], "0.8": ["webhook", "email"], "0.95": ["webhook", "email", "disable_key"]},
+    },
+    "costSpikesDetection": {"enabled": True, "thresholdMultiplier": 3.0, "timeWindow": 3600, "actions": ["webhook"]},
+}
+
+
+# ---------------------------------------------------------------------------------------------- periods (unit)
+def test_periods_align_to_the_timezone() -> None:
+    zone = ZoneInfo("America/New_York")
+    at = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)  # the day DST starts in New York
+    daily = period_at(PeriodKind.DAILY, zone, at)
+    assert daily.start == datetime(2024, 3, 10, 5, 0, tzinfo=UTC)
+    assert daily.end == datetime(2024, 3, 11, 4, 0, tzinfo=UTC)  # a 23-hour day
+    weekly = period_at(PeriodKind.WEEKLY, zone, at)
+    assert weekly.start == datetime(2024, 3, 4, 5, 0, tzinfo=UTC)  # Monday, local midnight
+    monthly = period_at(PeriodKind.MONTHLY, zone, datetime(2024, 3, 1, 3, 0, tzinfo=UTC))
+    assert monthly.start == datetime(2024, 2, 1, 5, 0, tzinfo=UTC)  # still February in New York
+    assert monthly.end == datetime(2024, 3, 1, 5, 0, tzinfo=UTC)
+    total = period_at(PeriodKind.TOTAL, zone, at)
+    assert total.end is None
+    december = period_at(PeriodKind.MONTHLY, ZoneInfo("UTC"), datetime(2024, 12, 31, 23, 59, tzinfo=UTC))
+    assert december.end == datetime(2025, 1, 1, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@dataclass
+class BudgetStack:
+    env: dict[str, str]
+    suite: Suite
+    redis: Redis
+    webhook: HttpReceiver
+    smtp: SmtpServer
+    root: Path
+    replicas: list[tuple[Suite, str]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.env["BUDGET_ADDRESS"]
+
+    def auth(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.env['ADMIN_MASTER_KEY']}")]
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.env['GATEWAY_PORT']}",
+            headers={"Authorization": f"Bearer {self.env['ADMIN_MASTER_KEY']}"},
+            timeout=30,
+        )
+
+    def stub(self, address: str | None = None) -> budget_pb2_grpc.BudgetServiceStub:
+        return budget_pb2_grpc.BudgetServiceStub(grpc.insecure_channel(address or self.address))
+
+    def db(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.env["DATABASE_URL"], password=self.env["DATABASE_PASSWORD"], autocommit=True)
+
+    def redis_client(self) -> redis_py.Redis:
+        return redis_py.Redis.from_url(self.redis.url)
+
+    def start_replica(self, name: str, **overrides: str) -> tuple[Suite, str]:
+        """Another budget process on its own ports (same database and Redis unless overridden)."""
+        env = dict(self.env)
+        address = f"127.0.0.1:{free_port()}"
+        env.update({"BUDGET_ADDRESS": address, "BUDGET_METRICS_PORT": str(free_port()), **overrides})
+        suite = Suite(env, log_dir=self.root / "logs" / name)
+        suite.start_service(ServiceName.BUDGET)
+        self.replicas.append((suite, address))
+        return suite, address
+
+
+@pytest.fixture(scope="module")
+def budget_stack(infra: tuple[Postgres, Redis, Path]) -> Iterator[BudgetStack]:
+    postgres, _shared_redis, shared_root = infra
+    root = shared_root / f"budget-{secrets.token_hex(3)}"
+    redis_server = Redis(root / "redis", free_port())
+    webhook = HttpReceiver()
+    smtp = SmtpServer()
+    env = stack_env(secrets.token_urlsafe(24))
+    env.update(
+        {
+            "DATABASE_URL": fresh_database(postgres, "budget"),
+            "DATABASE_PASSWORD": postgres.password,
+            "REDIS_URL": redis_server.url,
+            "MIGRATE_ON_START": "true",
+            "NOTIFY_WEBHOOK_URL": webhook.url + "/webhook",
+            "NOTIFY_WEBHOOK_SECRET": SECRET,
+            "NOTIFY_SLACK_WEBHOOK_URL": webhook.url + "/slack",
+            "NOTIFY_PAGERDUTY_EVENTS_URL": webhook.url + "/pagerduty",
+            "NOTIFY_PAGERDUTY_ROUTING_KEY": "pd-routing-key",
+            "NOTIFY_EMAIL_RECIPIENTS": "budget-owner@example.com",
+            "NOTIFY_POLL_SECONDS": "0.1",
+            "NOTIFY_BACKOFF_BASE_SECONDS": "0.1",
+            "NOTIFY_BACKOFF_MAX_SECONDS": "0.5",
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(smtp.port),
+            "BUDGET_SPIKE_CHECK_SECONDS": "0.3",
+            "BUDGET_DRIFT_CHECK_SECONDS": "0.5",
+            "BUDGET_MAINTENANCE_SECONDS": "0.5",
+        }
+    )
+    suite = Suite(env, log_dir=root / "logs")
+    stack = BudgetStack(env, suite, redis_server, webhook, smtp, root)
+    try:
+        redis_server.start()
+        webhook.start()
+        smtp.start()
+        subprocess.run([sys.executable, "-m", "tally.runtime.migrate"], env=env, cwd=ROOT, check=True)
+        suite.start_service(ServiceName.BUDGET)
+        suite.start_gateway()
+        with stack.http() as client:
+            assert client.put("/api/admin/budgets/alerts", json=ALERTS).status_code == 200
+        yield stack
+    finally:
+        for replica, _address in stack.replicas:
+            replica.stop_all()
+        suite.stop_all()
+        smtp.stop()
+        webhook.stop()
+        redis_server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def new_key(stack: BudgetStack, limit_usd: float | None = None, period: str = "monthly", name: str = "") -> str:
+    key_id = str(uuid.uuid4())
+    with stack.http() as client:
+        assert (
+            client.put(f"/api/admin/virtual-keys/{key_id}", json={"keyName": name or f"key {key_id[:8]}"}).status_code
+            == 200
+        )
+        if limit_usd is not None:
+            reply = client.put(
+                f"/api/admin/virtual-keys/{key_id}/budget", json={"maxBudget": limit_usd, "period": period}
+            )
+            assert reply.status_code == 200, reply.text
+    return key_id
+
+
+def status_of(error: grpc.RpcError) -> tuple[error_details_pb2.QuotaFailure | None, dict[str, str]]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    failure: error_details_pb2.QuotaFailure | None = None
+    metadata: dict[str, str] = {}
+    for detail in status.details:
+        quota = error_details_pb2.QuotaFailure()
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(quota):
+            failure = quota
+        elif detail.Unpack(info):
+            metadata = dict(info.metadata)
+    return failure, metadata
+
+
+def authorize(
+    stub: budget_pb2_grpc.BudgetServiceStub, stack: BudgetStack, key_id: str, micros: int, request_id: str | None = None
+) -> budget_pb2.AuthorizeResponse:
+    return stub.Authorize(  # type: ignore[no-any-return]
+        budget_pb2.AuthorizeRequest(
+            key_id=key_id, request_id=request_id or uuid.uuid4().hex, estimated_cost_micros=micros
+        ),
+        timeout=10,
+        metadata=stack.auth(),
+    )
+
+
+def settle_request(
+    key_id: str, micros: int, request_id: str | None = None, provider: str = "openai", at: datetime | None = None
+) -> budget_pb2.SettleRequest:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at or datetime.now(UTC))
+    return budget_pb2.SettleRequest(
+        request_id=request_id or uuid.uuid4().hex,
+        key_id=key_id,
+        actual_cost_micros=micros,
+        event_time=stamp,
+        provider=provider,
+    )
+
+
+def record_usage(
+    conn: psycopg.Connection[Any], key_id: str, micros: int, *, provider: str = "openai", at: datetime | None = None
+) -> str:
+    """What ingest commits for one request: the raw event and its hourly rollup row."""
+    at = at or datetime.now(UTC)
+    request_id = uuid.uuid4().hex
+    with conn.transaction():
+        conn.execute(
+            """INSERT INTO usage_events (event_time, request_id, key_id, provider, model, operation, cost_micros,
+                   cost_source) VALUES (%s, %s, %s, %s, 'gpt-4', 'chat.completions', %s, 'provider')""",
+            (at, request_id, key_id, provider, micros),
+        )
+        add_rollup(conn, key_id, micros, provider=provider, bucket=at.replace(minute=0, second=0, microsecond=0))
+    return request_id
+
+
+def add_rollup(conn: psycopg.Connection[Any], key_id: str, micros: int, *, provider: str, bucket: datetime) -> None:
+    conn.execute(
+        """INSERT INTO usage_rollup_hourly (bucket, key_id, provider, model, operation, status_class, error_type,
+               requests, successes, failures, input_tokens, output_tokens, cached_read_tokens, cache_write_tokens,
+               reasoning_tokens, images, audio_seconds, cost_micros, provider_cost_requests, unpriced_requests,
+               late_requests, streaming_requests, tool_requests, small_input_requests, small_input_input_tokens,
+               small_input_output_tokens, small_input_cost_micros, latency_ms_sum, ttft_ms_sum, ttft_count)
+           VALUES (%s, %s, %s, 'gpt-4', 'chat.completions', '2xx', '', 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, %s, 1, 0, 0,
+                   0, 0, 0, 0, 0, 0, 0, 0, 0)""",
+        (bucket, key_id, provider, micros),
+    )
+
+
+def ingest(stack: BudgetStack, stub: budget_pb2_grpc.BudgetServiceStub, key_id: str, micros: int, **kw: Any) -> None:
+    """Commit usage to the database, then settle it (as the ingest service does)."""
+    with stack.db() as conn:
+        request_id = record_usage(conn, key_id, micros, **kw)
+    stub.Settle(settle_request(key_id, micros, request_id, **kw), timeout=10, metadata=stack.auth())
+
+
+class StreamReader:
+    """A WatchBudgetEvents subscriber in a thread, collecting events until cancelled."""
+
+    def __init__(self, stack: BudgetStack, after_id: str, address: str | None = None) -> None:
+        self._channel = grpc.insecure_channel(address or stack.address)
+        stub = budget_pb2_grpc.BudgetServiceStub(self._channel)
+        self._call = stub.WatchBudgetEvents(
+            budget_pb2.WatchBudgetEventsRequest(after_id=after_id), metadata=stack.auth(), timeout=120
+        )
+        self.events: list[budget_pb2.WatchBudgetEventsResponse] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._call:
+                self.events.append(event)
+        except grpc.RpcError:
+            pass
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._thread.join(10)
+        self._channel.close()
+
+    def of(self, key_id: str) -> list[budget_pb2.WatchBudgetEventsResponse]:
+        return [e for e in self.events if e.key_id == key_id]
+
+
+def last_event_id(stack: BudgetStack) -> str:
+    with stack.redis_client() as client:
+        last = client.xrevrange("{tally:budget}:events", count=1)
+    return last[0][0].decode() if last else "0"
+
+
+# ---------------------------------------------------------------------------------------------- request path
+async def _concurrent_authorizations(
+    address: str, stack: BudgetStack, key_id: str, count: int, micros: int
+) -> list[Any]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = budget_pb2_grpc.BudgetServiceStub(channel)
+
+        async def one() -> Any:
+            try:
+                return await stub.Authorize(
+                    budget_pb2.AuthorizeRequest(
+                        key_id=key_id, request_id=uuid.uuid4().hex, estimated_cost_micros=micros
+                    ),
+                    timeout=60,
+                    metadata=stack.auth(),
+                )
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def _check_exactly_200(results: list[Any], subject: str) -> None:
+    allowed = [r for r in results if isinstance(r, budget_pb2.AuthorizeResponse)]
+    denied = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(allowed) == 200
+    assert len(denied) == 300
+    assert all(r.allowed for r in allowed)
+    assert {d.code() for d in denied} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    failure, metadata = status_of(denied[0])
+    assert failure is not None
+    assert [v.subject for v in failure.violations] == [subject]
+    reason = "DENIAL_REASON_GLOBAL_BUDGET_EXHAUSTED" if subject == "global" else "DENIAL_REASON_KEY_BUDGET_EXHAUSTED"
+    assert metadata["denialReason"] == reason
+
+
+async def test_500_concurrent_authorizations_of_5_cents_on_10_dollars_admit_exactly_200(
+    budget_stack: BudgetStack,
+) -> None:
+    key_id = new_key(budget_stack, 10.00)
+    results = await _concurrent_authorizations(budget_stack.address, budget_stack, key_id, 500, 50_000)
+    _check_exactly_200(results, f"key:{key_id}")
+    with budget_stack.http() as client:
+        budget = client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+    assert budget["reserved"] == 10.0
+    assert budget["currentSpend"] == 0
+    assert budget["remainingBudget"] == 0
+
+
+async def test_global_budget_admits_exactly_200(budget_stack: BudgetStack) -> None:
+    """The global scope is shared: its limit is set to what is committed now plus $10."""
+    key_id = new_key(budget_stack)
+    stub = budget_stack.stub()
+    with budget_stack.http() as client:
+        assert client.put("/api/admin/budgets/global", json={"maxBudget": 1e6, "period": "monthly"}).status_code == 200
+        committed = next(
+            s for s in authorize(stub, budget_stack, key_id, 0).remaining if s.scope == "global"
+        ).committed_micros
+        limit = (committed + 10 * USD) / USD
+        assert (
+            client.put("/api/admin/budgets/global", json={"maxBudget": limit, "period": "monthly"}).status_code == 200
+        )
+    try:
+        results = await _concurrent_authorizations(budget_stack.address, budget_stack, key_id, 500, 50_000)
+        _check_exactly_200(results, "global")
+    finally:
+        with budget_stack.http() as client:
+            client.put("/api/admin/budgets/global", json={"maxBudget": 1e6, "period": "monthly"})
+
+
+def test_settle_below_and_above_the_estimate(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack, 10.00)
+    stub = budget_stack.stub()
+    below = authorize(stub, budget_stack, key_id, 1 * USD, "below-" + key_id)
+    assert below.allowed and not below.replayed
+    key_remaining = below.remaining[0]
+    assert (key_remaining.scope, key_remaining.limit_micros, key_remaining.committed_micros) == (
+        f"key:{key_id}",
+        10 * USD,
+        1 * USD,
+    )
+    settled = stub.Settle(settle_request(key_id, 600_000, "below-" + key_id), timeout=10, metadata=budget_stack.auth())
+    assert not settled.already_settled
+    assert settled.overspend_micros == 0
+    assert settled.remaining[0].committed_micros == 600_000
+
+    authorize(stub, budget_stack, key_id, 1 * USD, "above-" + key_id)
+    above = stub.Settle(settle_request(key_id, 1_500_000, "above-" + key_id), timeout=10, metadata=budget_stack.auth())
+    assert above.overspend_micros == 500_000
+    assert above.remaining[0].committed_micros == 2_100_000
+    again = stub.Settle(settle_request(key_id, 1_500_000, "above-" + key_id), timeout=10, metadata=budget_stack.auth())
+    assert again.already_settled
+    assert again.remaining[0].committed_micros == 2_100_000
+
+    # No reservation: the spend is simply recorded.
+    bare = stub.Settle(settle_request(key_id, 400_000), timeout=10, metadata=budget_stack.auth())
+    assert bare.remaining[0].committed_micros == 2_500_000
+    batch = stub.SettleBatch(
+        budget_pb2.SettleBatchRequest(
+            items=[settle_request(key_id, 100_000, "b1-" + key_id), settle_request(key_id, 100_000, "b1-" + key_id)]
+        ),
+        timeout=10,
+        metadata=budget_stack.auth(),
+    )
+    assert (batch.settled, batch.already_settled) == (1, 1)
+    with budget_stack.http() as client:
+        budget = client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+    assert budget["currentSpend"] == 2.6
+    assert budget["reserved"] == 0
+    assert budget["remainingBudget"] == 7.4
+
+
+def test_retried_authorize_reserves_once_and_release_gives_back(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack, 1.00)
+    stub = budget_stack.stub()
+    first = authorize(stub, budget_stack, key_id, 700_000, "retry-" + key_id)
+    retried = authorize(stub, budget_stack, key_id, 700_000, "retry-" + key_id)
+    assert first.allowed and retried.allowed
+    assert (first.replayed, retried.replayed) == (False, True)
+    assert retried.expires_at == first.expires_at
+    assert retried.remaining[0].committed_micros == 700_000
+    with pytest.raises(grpc.RpcError) as denied:
+        authorize(stub, budget_stack, key_id, 400_000)
+    assert denied.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    released = stub.Release(
+        budget_pb2.ReleaseRequest(request_id="retry-" + key_id), timeout=10, metadata=budget_stack.auth()
+    )
+    assert released.released
+    again = stub.Release(
+        budget_pb2.ReleaseRequest(request_id="retry-" + key_id), timeout=10, metadata=budget_stack.auth()
+    )
+    assert not again.released
+    assert authorize(stub, budget_stack, key_id, 400_000).remaining[0].committed_micros == 400_000
+
+
+def test_expiry_releases_a_reservation(budget_stack: BudgetStack) -> None:
+    """A replica with a short reservation TTL: its reservation lapses and the budget is free again."""
+    _suite, address = budget_stack.start_replica("short-ttl", BUDGET_RESERVATION_TTL_SECONDS="0.5")
+    key_id = new_key(budget_stack, 1.00)
+    short = budget_stack.stub(address)
+    assert authorize(short, budget_stack, key_id, 800_000).allowed
+    main = budget_stack.stub()
+    with pytest.raises(grpc.RpcError):
+        authorize(main, budget_stack, key_id, 800_000)
+
+    def admitted() -> bool:
+        try:
+            return authorize(main, budget_stack, key_id, 800_000).allowed
+        except grpc.RpcError:
+            return False
+
+    wait_until(admitted, timeout=20, interval=0.2)
+
+
+def test_invalid_request_path_arguments_are_400_naming_fields(budget_stack: BudgetStack) -> None:
+    stub = budget_stack.stub()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Authorize(
+            budget_pb2.AuthorizeRequest(key_id=str(uuid.uuid4()), request_id="", estimated_cost_micros=-1),
+            timeout=10,
+            metadata=budget_stack.auth(),
+        )
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in status.details)
+    assert [v.field for v in bad.field_violations] == ["requestId", "estimatedCostMicros"]
+
+
+# ---------------------------------------------------------------------------------------------- alerts
+def _fired(stack: BudgetStack, scope: str) -> list[tuple[str, float]]:
+    with stack.db() as conn:
+        rows = conn.execute(
+            "SELECT kind, threshold::float8 FROM budget_alerts_fired WHERE scope = %s ORDER BY threshold, kind",
+            (scope,),
+        ).fetchall()
+    return [(kind, float(threshold)) for kind, threshold in rows]
+
+
+def _webhooks_for(stack: BudgetStack, key_id: str) -> list[dict[str, Any]]:
+    return [r.json() for r in stack.webhook.on_path("/webhook") if r.json()["data"].get("keyId") == key_id]
+
+
+def test_thresholds_fire_once_each_with_two_replicas_and_not_again_after_a_restart(budget_stack: BudgetStack) -> None:
+    replica_suite, replica_address = budget_stack.start_replica("replica-b")
+    key_id = new_key(budget_stack, 10.00, name="Production API Key")
+    stubs = [budget_stack.stub(), budget_stack.stub(replica_address)]
+    reader = StreamReader(budget_stack, last_event_id(budget_stack))
+    try:
+        # 46 settles of $0.20 ($9.20 = 92%), alternating replicas, 8 at a time.
+        def settle(n: int) -> None:
+            ingest(budget_stack, stubs[n % 2], key_id, 200_000)
+
+        threads = [threading.Thread(target=settle, args=(n,)) for n in range(46)]
+        for start in range(0, len(threads), 8):
+            for thread in threads[start : start + 8]:
+                thread.start()
+            for thread in threads[start : start + 8]:
+                thread.join()
+        assert _fired(budget_stack, f"key:{key_id}") == [("threshold", 0.5), ("threshold", 0.8)]
+
+        replica_suite.stop_all()  # a restart of replica B: its fired-cache is gone, the database is not
+        replica_suite.start_service(ServiceName.BUDGET)
+        restarted = budget_stack.stub(replica_address)
+        for _ in range(2):
+            ingest(budget_stack, restarted, key_id, 100_000)  # 94%
+        assert _fired(budget_stack, f"key:{key_id}") == [("threshold", 0.5), ("threshold", 0.8)]
+        ingest(budget_stack, restarted, key_id, 100_000)  # 95%
+        ingest(budget_stack, stubs[0], key_id, 100_000)  # 96%
+        assert _fired(budget_stack, f"key:{key_id}") == [("threshold", 0.5), ("threshold", 0.8), ("threshold", 0.95)]
+
+        crossed = wait_until(
+            lambda: (
+                events
+                if len(
+                    events := [e for e in reader.of(key_id) if e.type == budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED]
+                )
+                >= 3
+                else None
+            )
+        )
+        hooks = wait_until(lambda: h if len(h := _webhooks_for(budget_stack, key_id)) >= 3 else None)
+    finally:
+        reader.close()
+    assert [e.threshold for e in crossed] == [0.5, 0.8, 0.95]
+    assert crossed[0].message == "Virtual key 'Production API Key' has reached 50% of budget"
+    assert sorted(h["data"]["threshold"] for h in hooks) == [0.5, 0.8, 0.95]
+    assert all(h["type"] == "budget.threshold_crossed" for h in hooks)
+    # Emails for 0.8 and 0.95 (key alerts have no recipients: the configured default receives them).
+    mails = wait_until(
+        lambda: (
+            m
+            if len(m := [x for x in budget_stack.smtp.collector.messages if "Production API Key" in str(x["Subject"])])
+            >= 2
+            else None
+        )
+    )
+    assert {str(m["To"]) for m in mails} == {"budget-owner@example.com"}
+    # Deliveries are signed per Standard Webhooks.
+    delivery = next(r for r in budget_stack.webhook.on_path("/webhook") if r.json()["data"].get("keyId") == key_id)
+    headers = delivery.headers
+    assert headers["webhook-signature"] == sign_webhook(
+        SECRET, headers["webhook-id"], int(headers["webhook-timestamp"]), delivery.body
+    )
+    with budget_stack.db() as conn:
+        notifications = conn.execute(
+            "SELECT channel, count(*) FROM notification_outbox WHERE payload->'data'->>'keyId' = %s"
+            " OR (channel = 'email' AND subject LIKE %s) GROUP BY channel ORDER BY channel",
+            (key_id, "%Production API Key%"),
+        ).fetchall()
+    assert notifications == [("email", 2), ("webhook", 3)]
+
+
+def test_disable_key_end_to_end(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack, 1.00)
+    stub = budget_stack.stub()
+    reader = StreamReader(budget_stack, last_event_id(budget_stack))
+    try:
+        assert authorize(stub, budget_stack, key_id, 100_000, "first-" + key_id).allowed
+        stub.Settle(settle_request(key_id, 960_000, "first-" + key_id), timeout=10, metadata=budget_stack.auth())
+        with budget_stack.http() as client:
+            key = client.get(f"/api/admin/virtual-keys/{key_id}").json()["data"]
+        assert key["enabled"] is False
+        assert "disable_key" in key["disabledReason"]
+        assert key["budget"]["currentSpend"] == 0.96
+        with pytest.raises(grpc.RpcError) as denied:
+            authorize(stub, budget_stack, key_id, 10_000)
+        assert denied.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        failure, metadata = status_of(denied.value)
+        assert metadata["denialReason"] == "DENIAL_REASON_KEY_DISABLED"
+        assert failure is not None and failure.violations[0].subject == f"key:{key_id}"
+        wait_until(lambda: any(e.type == budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED for e in reader.of(key_id)))
+
+        with budget_stack.http() as client:
+            enabled = client.post(f"/api/admin/virtual-keys/{key_id}/enable", json={})
+        assert enabled.status_code == 200
+        assert enabled.json()["data"]["enabled"] is True
+        assert authorize(stub, budget_stack, key_id, 10_000).allowed
+        wait_until(lambda: any(e.type == budget_pb2.BUDGET_EVENT_TYPE_KEY_ENABLED for e in reader.of(key_id)))
+    finally:
+        reader.close()
+    types = [e.type for e in reader.of(key_id)]
+    assert types == [
+        budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED,
+        budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED,
+        budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED,
+        budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED,
+        budget_pb2.BUDGET_EVENT_TYPE_KEY_ENABLED,
+    ]
+
+
+def test_stream_subscriber_resumes_from_its_last_id(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack)
+    start = last_event_id(budget_stack)
+    first = StreamReader(budget_stack, start)
+    watcher = StreamReader(budget_stack, start)  # a second subscriber, connected throughout
+    try:
+        with budget_stack.http() as client:
+            client.post(f"/api/admin/virtual-keys/{key_id}/disable", json={"reason": "step 0"})
+        wait_until(lambda: first.of(key_id))
+    finally:
+        first.close()
+    last_seen = first.of(key_id)[-1].event_id
+    with budget_stack.http() as client:  # while disconnected
+        for step in range(1, 7):
+            action = "enable" if step % 2 else "disable"
+            assert client.post(f"/api/admin/virtual-keys/{key_id}/{action}", json={}).status_code == 200
+    resumed = StreamReader(budget_stack, last_seen)
+    try:
+        wait_until(lambda: len(resumed.of(key_id)) >= 6 and len(watcher.of(key_id)) >= 7)
+    finally:
+        resumed.close()
+        watcher.close()
+    expected = [
+        budget_pb2.BUDGET_EVENT_TYPE_KEY_ENABLED if step % 2 else budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED
+        for step in range(1, 7)
+    ]
+    assert [e.type for e in resumed.of(key_id)] == expected
+    assert [e.event_id for e in watcher.of(key_id)][1:] == [e.event_id for e in resumed.of(key_id)]
+    ids = [tuple(int(p) for p in e.event_id.split("-")) for e in watcher.of(key_id)]
+    assert ids == sorted(ids)
+
+
+def test_cost_spike_is_detected_on_schedule_once(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack)
+    reader = StreamReader(budget_stack, last_event_id(budget_stack))
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    try:
+        with budget_stack.db() as conn:
+            add_rollup(conn, key_id, 24 * USD, provider="spike-test", bucket=hour - timedelta(hours=5))
+            # The current hour (and the next, in case the hour turns during the test).
+            add_rollup(conn, key_id, 1000 * USD, provider="spike-test", bucket=hour)
+            add_rollup(conn, key_id, 1000 * USD, provider="spike-test", bucket=hour + timedelta(hours=1))
+        spike = wait_until(
+            lambda: [e for e in reader.events if e.type == budget_pb2.BUDGET_EVENT_TYPE_COST_SPIKE], timeout=30
+        )
+    finally:
+        reader.close()
+        with budget_stack.db() as conn:
+            conn.execute("DELETE FROM usage_rollup_hourly WHERE key_id = %s", (key_id,))
+    assert spike[0].scope == "global"
+    assert spike[0].spend_micros >= 1000 * USD
+    assert "Cost spike" in spike[0].message
+    with budget_stack.db() as conn:
+        spikes = conn.execute("SELECT count(*) FROM budget_alerts_fired WHERE kind = 'spike'").fetchone()
+    assert spikes == (1,)
+
+
+# ---------------------------------------------------------------------------------------------- reconciliation
+def test_flushall_then_totals_are_rebuilt_exactly_from_the_database(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    for micros in (1_234_567, 2_000_001, 3):
+        ingest(budget_stack, stub, key_id, micros, provider="reconcile-provider")
+    # An hour ago too (raw event and rollup), and spend that only Redis knows (drift).
+    with budget_stack.db() as conn:
+        record_usage(conn, key_id, 5 * USD, provider="reconcile-provider", at=datetime.now(UTC) - timedelta(hours=1))
+    stub.Settle(settle_request(key_id, 777), timeout=10, metadata=budget_stack.auth())
+
+    with budget_stack.http() as client:
+        before = client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+    assert before["currentSpend"] == 3.235348  # the hour-old row reached the database only
+
+    with budget_stack.redis_client() as client:
+        client.flushall()
+    after = authorize(stub, budget_stack, key_id, 1)
+    expected_key = 1_234_567 + 2_000_001 + 3 + 5 * USD
+    assert after.remaining[0].committed_micros == expected_key + 1
+    with budget_stack.db() as conn:
+        month = period_at(PeriodKind.MONTHLY, ZoneInfo("UTC"), datetime.now(UTC))
+        (expected_global,) = conn.execute(
+            "SELECT coalesce(sum(cost_micros), 0) FROM usage_events WHERE event_time >= %s", (month.start,)
+        ).fetchone() or (0,)
+    assert after.remaining[1].committed_micros == expected_global + 1  # FLUSHALL dropped every reservation
+    with budget_stack.http() as client:
+        status = client.get("/api/admin/budgets/status").json()["data"]
+        stub.Settle(settle_request(key_id, 500), timeout=10, metadata=budget_stack.auth())
+        reconciled = client.post("/api/admin/budgets/reconcile", json={}).json()["data"]
+    assert status["budgetBreakdown"]["byProvider"]["reconcile-provider"]["spend"] == expected_key / USD
+    assert reconciled["drift"] == 2 * 500 / USD  # the Redis-only settle, in the key's and the global scope
+    metrics = httpx.get(f"http://127.0.0.1:{budget_stack.env['BUDGET_METRICS_PORT']}/metrics", timeout=5).text
+    assert 'tally_budget_drift_micros{scope_kind="keys"}' in metrics
+    assert 'tally_budget_reconciles_total{trigger="not_loaded"} 1.0' in metrics
+
+
+# ---------------------------------------------------------------------------------------------- failure policy
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_unreachable_redis_answers_with_the_failure_policy_within_the_deadline(
+    budget_stack: BudgetStack, policy: str
+) -> None:
+    paused = Redis(budget_stack.root / f"paused-{policy}", free_port())
+    paused.start()
+    _suite, address = budget_stack.start_replica(
+        f"policy-{policy}", REDIS_URL=paused.url, BUDGET_FAILURE_POLICY=policy, BUDGET_RECONCILE_ON_START="false"
+    )
+    assert paused.process is not None
+    paused.process.send_signal(signal.SIGSTOP)  # reachable but silent: every call would hang
+    try:
+        stub = budget_stack.stub(address)
+        request = budget_pb2.AuthorizeRequest(key_id=str(uuid.uuid4()), request_id="x", estimated_cost_micros=5)
+        if policy == "open":
+            reply = stub.Authorize(request, timeout=1.0, metadata=budget_stack.auth())
+            assert reply.allowed and reply.failure_policy_applied
+        else:
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.Authorize(request, timeout=1.0, metadata=budget_stack.auth())
+            assert denied.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            _failure, metadata = status_of(denied.value)
+            assert metadata["denialReason"] == "DENIAL_REASON_BUDGET_STORE_UNAVAILABLE"
+        port = _suite.env["BUDGET_METRICS_PORT"]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert f'tally_budget_failure_policy_total{{operation="authorize",policy="{policy}"}} 1.0' in metrics
+    finally:
+        paused.process.send_signal(signal.SIGCONT)
+        _suite.stop_all()
+        paused.stop()
+    assert "redis unreachable" in (budget_stack.root / "logs" / f"policy-{policy}" / "budget.log").read_text()
+
+
+# ------------------------------------------------------------------------------------- admin REST (seed shapes)
+def test_budget_status_has_exactly_the_seed_shape(budget_stack: BudgetStack) -> None:
+    stub = budget_stack.stub()
+    key_id = new_key(budget_stack, 5000.00, name="Status Key")
+    provider = f"status-{uuid.uuid4().hex[:6]}"
+    ingest(budget_stack, stub, key_id, 4000 * USD, provider=provider)  # 80%: the warning threshold fires
+    with budget_stack.http() as client:
+        assert client.put("/api/admin/budgets/global", json={"maxBudget": 1e6, "period": "monthly"}).status_code == 200
+        reply = client.get("/api/admin/budgets/status")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert set(body) == {"success", "data"} and body["success"] is True
+    data = body["data"]
+    assert set(data) == {"globalBudget", "budgetAlerts", "budgetBreakdown"}
+    g = data["globalBudget"]
+    assert set(g) == {
+        "maxBudget",
+        "currentSpend",
+        "remainingBudget",
+        "utilizationPercentage",
+        "projectedMonthlySpend",
+        "onTrack",
+        "daysRemaining",
+        "averageDailySpend",
+    }
+    assert g["maxBudget"] == 1e6
+    assert g["remainingBudget"] == pytest.approx(g["maxBudget"] - g["currentSpend"])
+    assert g["utilizationPercentage"] == pytest.approx(g["currentSpend"] / g["maxBudget"])
+    assert isinstance(g["daysRemaining"], int) and isinstance(g["onTrack"], bool)
+    assert g["currentSpend"] >= 4000
+    alert = next(a for a in data["budgetAlerts"] if a["keyId"] == key_id)
+    assert alert == {
+        "level": "warning",
+        "message": "Virtual key 'Status Key' has reached 80% of budget",
+        "keyId": key_id,
+        "percentage": 0.8,
+        "remainingBudget": 1000.0,
+    }
+    breakdown = data["budgetBreakdown"]
+    assert set(breakdown) == {"byVirtualKey", "byProvider"}
+    usage = next(u for u in breakdown["byVirtualKey"] if u["keyId"] == key_id)
+    assert usage == {
+        "keyId": key_id,
+        "keyName": "Status Key",
+        "maxBudget": 5000.0,
+        "currentSpend": 4000.0,
+        "utilizationPercentage": 0.8,
+    }
+    utilizations = [u["utilizationPercentage"] for u in breakdown["byVirtualKey"]]
+    assert utilizations == sorted(utilizations, reverse=True)
+    share = breakdown["byProvider"][provider]
+    assert set(share) == {"spend", "percentage"}
+    assert share["spend"] == 4000.0
+    assert sum(p["percentage"] for p in breakdown["byProvider"].values()) == pytest.approx(1.0)
+
+
+def test_budget_alerts_round_trip_in_the_seed_shape(budget_stack: BudgetStack) -> None:
+    with budget_stack.http() as client:
+        put = client.put("/api/admin/budgets/alerts", json=ALERTS)
+        got = client.get("/api/admin/budgets/alerts")
+    assert put.status_code == 200 and got.status_code == 200
+    assert got.json() == put.json()
+    data = got.json()["data"]
+    assert data.pop("updatedAt").endswith("Z")
+    # The seed's body comes back as sent; fields it left out print as their empty values.
+    sent = json.loads(json.dumps(ALERTS))
+    sent["globalBudgetAlerts"]["thresholds"][0].update({"channels": [], "urgency": ""})
+    assert data == sent
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            lambda c: c["globalBudgetAlerts"]["thresholds"][1].update(percentage=1.5),
+            "globalBudgetAlerts.thresholds[1].percentage",
+        ),
+        (
+            lambda c: c["globalBudgetAlerts"]["thresholds"][0].update(actions=["fax"]),
+            "globalBudgetAlerts.thresholds[0].actions[0]",
+        ),
+        (
+            lambda c: c["globalBudgetAlerts"]["thresholds"][0].update(recipients=["nobody"]),
+            "globalBudgetAlerts.thresholds[0].recipients[0]",
+        ),
+        (
+            lambda c: c["globalBudgetAlerts"]["thresholds"][1].update(urgency="urgent"),
+            "globalBudgetAlerts.thresholds[1].urgency",
+        ),
+        (
+            lambda c: c["virtualKeyBudgetAlerts"].update(defaultThresholds=[0.5, 0.8, 0.95, 0]),
+            "virtualKeyBudgetAlerts.defaultThresholds[3]",
+        ),
+        (
+            lambda c: c["virtualKeyBudgetAlerts"]["actions"].update({"0.7": ["webhook"]}),
+            'virtualKeyBudgetAlerts.actions["0.7"]',
+        ),
+        (
+            lambda c: c["virtualKeyBudgetAlerts"]["actions"].update({"0.5": ["explode"]}),
+            'virtualKeyBudgetAlerts.actions["0.5"][0]',
+        ),
+        (lambda c: c["costSpikesDetection"].update(thresholdMultiplier=0.5), "costSpikesDetection.thresholdMultiplier"),
+        (lambda c: c["costSpikesDetection"].update(timeWindow=5), "costSpikesDetection.timeWindow"),
+    ],
+)
+def test_invalid_alert_configuration_is_400_naming_the_field(
+    budget_stack: BudgetStack, change: Any, field: str
+) -> None:
+    config = json.loads(json.dumps(ALERTS))
+    change(config)
+    with budget_stack.http() as client:
+        reply = client.put("/api/admin/budgets/alerts", json=config)
+        stored = client.get("/api/admin/budgets/alerts").json()["data"]
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    bad = next(d for d in error["details"] if d["@type"].endswith("google.rpc.BadRequest"))
+    assert [v["field"] for v in bad["fieldViolations"]] == [field]
+    stored.pop("updatedAt")
+    assert stored["virtualKeyBudgetAlerts"] == ALERTS["virtualKeyBudgetAlerts"]  # nothing was changed
+
+
+def test_budgets_are_validated_and_read_back(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack)
+    with budget_stack.http() as client:
+        missing = client.get(f"/api/admin/virtual-keys/{key_id}/budget")
+        bad = client.put(
+            f"/api/admin/virtual-keys/{key_id}/budget",
+            json={"maxBudget": -1, "period": "hourly", "timezone": "Mars/Olympus"},
+        )
+        put = client.put(
+            f"/api/admin/virtual-keys/{key_id}/budget",
+            json={"maxBudget": 250.5, "period": "weekly", "timezone": "Europe/Paris"},
+        )
+        global_budget = client.get("/api/admin/budgets/global")
+    assert missing.status_code == 404
+    assert bad.status_code == 400
+    bad_request = next(d for d in bad.json()["error"]["details"] if d["@type"].endswith("BadRequest"))
+    assert [v["field"] for v in bad_request["fieldViolations"]] == ["maxBudget", "period", "timezone"]
+    assert put.status_code == 200
+    budget = put.json()["data"]
+    assert (budget["maxBudget"], budget["period"], budget["timezone"]) == (250.5, "weekly", "Europe/Paris")
+    start = datetime.fromisoformat(budget["periodStart"].replace("Z", "+00:00"))
+    assert start.astimezone(ZoneInfo("Europe/Paris")).weekday() == 0
+    assert start.astimezone(ZoneInfo("Europe/Paris")).hour == 0
+    assert global_budget.status_code == 200
+    assert set(global_budget.json()["data"]) >= {"maxBudget", "period", "currentSpend", "reserved", "remainingBudget"}
+
+
+# ---------------------------------------------------------------------------------------------- Redis Cluster
+@pytest.fixture(scope="module")
+def cluster_replica(budget_stack: BudgetStack) -> Iterator[tuple[str, RedisClusterNodes]]:
+    """A budget process on a real 3-master Redis Cluster (same database)."""
+    cluster = RedisClusterNodes(budget_stack.root / "cluster", [free_cluster_port() for _ in range(3)])
+    try:
+        cluster.start()
+        suite, address = budget_stack.start_replica("cluster", REDIS_URL=cluster.url, REDIS_CLUSTER="true")
+        yield address, cluster
+        suite.stop_all()
+    finally:
+        cluster.stop()
+
+
+def _set_budget(stack: BudgetStack, address: str, key_id: str, usd: float) -> None:
+    stack.stub(address).UpdateVirtualKeyBudget(
+        budget_pb2.UpdateVirtualKeyBudgetRequest(key_id=key_id, max_budget=usd, period="daily"),
+        timeout=10,
+        metadata=stack.auth(),
+    )
+
+
+async def test_cluster_500_concurrent_authorizations_admit_exactly_200(
+    budget_stack: BudgetStack, cluster_replica: tuple[str, RedisClusterNodes]
+) -> None:
+    address, _cluster = cluster_replica
+    key_id = new_key(budget_stack)
+    _set_budget(budget_stack, address, key_id, 10.00)
+    results = await _concurrent_authorizations(address, budget_stack, key_id, 500, 50_000)
+    _check_exactly_200(results, f"key:{key_id}")
+
+
+def test_cluster_settle_events_and_flushall_rebuild(
+    budget_stack: BudgetStack, cluster_replica: tuple[str, RedisClusterNodes]
+) -> None:
+    address, cluster = cluster_replica
+    key_id = new_key(budget_stack)
+    _set_budget(budget_stack, address, key_id, 2.00)
+    stub = budget_stack.stub(address)
+    reader = StreamReader(budget_stack, "", address=address)
+    try:
+        assert authorize(stub, budget_stack, key_id, 1 * USD, "c1-" + key_id).allowed
+        ingest_micros = 1_100_000
+        with budget_stack.db() as conn:
+            request_id = record_usage(conn, key_id, ingest_micros)
+        # The reservation was for another request id: settle both (one with no reservation).
+        stub.Settle(settle_request(key_id, ingest_micros, request_id), timeout=10, metadata=budget_stack.auth())
+        released = stub.Release(
+            budget_pb2.ReleaseRequest(request_id="c1-" + key_id), timeout=10, metadata=budget_stack.auth()
+        )
+        assert released.released
+        wait_until(lambda: any(e.threshold == 0.5 for e in reader.of(key_id)))  # 55%
+    finally:
+        reader.close()
+    keys = _cluster_scan(cluster)
+    assert any(k.startswith("{tally:budget}:c:key:") for k in keys)
+    assert all(k.startswith("{tally:budget}:") for k in keys)  # one hash tag: one slot
+    for port in cluster.ports:
+        with redis_py.Redis(port=port) as node:
+            node.flushall()
+    after = authorize(stub, budget_stack, key_id, 1)
+    assert after.remaining[0].committed_micros == ingest_micros + 1
+
+
+def _cluster_scan(cluster: RedisClusterNodes) -> list[str]:
+    keys: list[str] = []
+    for port in cluster.ports:
+        with redis_py.Redis(port=port) as node:
+            keys += [k.decode() for k in node.scan_iter(count=1000)]
+    return keys
