@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import tempfile
@@ -33,6 +34,31 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds_by_group(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named pid, plus all `postgres` and `redis-server` processes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {name: 0.0 for name in [*groups, "postgres", "redis"]}
+    by_pid = {pid: name for name, pid in groups.items()}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        pid = int(entry.name)
+        if pid in by_pid:
+            totals[by_pid[pid]] += used
+        elif comm == "postgres":
+            totals["postgres"] += used
+        elif comm.startswith("redis-server"):
+            totals["redis"] += used
+    return totals
+
+
 def write_results(name: str, figures: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
@@ -43,8 +69,6 @@ def write_results(name: str, figures: dict[str, Any]) -> Path:
 @contextlib.contextmanager
 def bench_stack(services: Sequence[ServiceName], extra_env: dict[str, str] | None = None) -> Iterator[Suite]:
     """PostgreSQL+TimescaleDB, Redis and the given services in a temporary folder."""
-    import os
-
     root = Path(tempfile.mkdtemp(prefix="tally-bench-"))
     root.chmod(0o755)
     postgres = Postgres(root / "postgres" / "data", free_port(), secrets.token_urlsafe(16))

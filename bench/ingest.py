@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import psycopg
 
-from bench.common import bench_stack, peak_rss_mb, percentile, write_results
+from bench.common import bench_stack, cpu_seconds_by_group, peak_rss_mb, percentile, write_results
 from tally.ingest.v1 import ingest_pb2
 from tally.runtime.config import ServiceName
 
@@ -102,8 +102,10 @@ async def _drive(address: str, key: str, batches: list[bytes]) -> dict[str, Any]
     return {"elapsed": elapsed, "accepted": accepted, "latencies": latencies}
 
 
-def _load_process(address: str, key: str, total: int, out: Any) -> None:
+def _load_process(address: str, key: str, total: int, out: Any, ready: Any, go: Any) -> None:
     batches = make_batches(total)
+    ready.set()
+    go.wait()
     out.put(asyncio.run(_drive(address, key, batches)))
 
 
@@ -207,9 +209,18 @@ def main() -> None:
         ingest_pid = suite.processes["ingest"].pid
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
-        loader = context.Process(target=_load_process, args=(address, env["ADMIN_MASTER_KEY"], total, queue))
+        ready, go = context.Event(), context.Event()
+        loader = context.Process(
+            target=_load_process, args=(address, env["ADMIN_MASTER_KEY"], total, queue, ready, go)
+        )
         loader.start()
+        ready.wait()  # events generated; only the load itself is measured
+        pids = {name: process.pid for name, process in suite.processes.items()}
+        pids["load generator"] = loader.pid or 0
+        cpu_before = cpu_seconds_by_group(pids)
+        go.set()
         result = queue.get()
+        cpu = {k: round(v - cpu_before[k], 1) for k, v in cpu_seconds_by_group(pids).items()}
         loader.join()
         rss = peak_rss_mb(ingest_pid)
         with psycopg.connect(env["DATABASE_URL"], password=env["DATABASE_PASSWORD"]) as conn:
@@ -229,6 +240,7 @@ def main() -> None:
         "baseline_copy_rows_per_second": round(baseline),
         "ratio_to_baseline": round(rate / baseline, 3),
         "targets": {"events_per_second": 50000, "ratio_to_baseline": 0.30, "ingest_peak_rss_mb": 300},
+        "cpu_seconds_during_load": cpu,
         "streams": STREAMS,
         "batch": BATCH,
     }
@@ -242,6 +254,7 @@ def main() -> None:
         f"  batch latency p50 {figures['batch_latency_p50_ms']} ms, p99 {figures['batch_latency_p99_ms']} ms; "
         f"ingest peak RSS {figures['ingest_peak_rss_mb']} MB (target < 300)"
     )
+    print(f"  CPU seconds during the {result['elapsed']:.1f} s load (2 cores): {cpu}")
     print(f"  stored {figures['stored']:,} of {total:,}; rollups count {figures['rollup_requests']:,}; -> {path}")
 
 

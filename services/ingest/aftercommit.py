@@ -47,6 +47,8 @@ class Spend:
 
     request_id: str
     event_time: datetime
+    epoch_seconds: int
+    epoch_nanos: int
     key_id: str
     provider: str
     model: str
@@ -68,9 +70,10 @@ class Outcome:
     @classmethod
     def of(cls, accepted: Sequence[ValidEvent], duplicate: int, rejected: int) -> Outcome:
         spend = [
-            Spend(e.request_id, e.event_time, str(e.key_id), e.provider, e.model, e.tokens, e.cost_micros or 0)
+            Spend(e.request_id, e.event_time, e.epoch_seconds, e.epoch_nanos, e.key_text, e.provider, e.model,
+                  e.tokens, e.cost_micros or 0)
             for e in accepted
-        ]
+        ]  # fmt: skip
         unpriced = sum(1 for e in accepted if e.unpriced)
         late = sum(1 for e in accepted if e.late)
         return cls(spend, duplicate, rejected, unpriced, late)
@@ -154,34 +157,54 @@ class AfterCommit:
         self._rates[int(now) // 60] += len(outcome.accepted)
         self._last_ingest = max(self._last_ingest, now)
         # Live counters answer "this minute / hour / today": a bucket is only worth counting
-        # while its key lives; older late events are in the rollups only.
+        # while its key lives; older late events are in the rollups only. Events are grouped by
+        # minute first (a batch of live traffic spans a handful of minutes), then each group's
+        # totals are added to its minute, hour and day hashes.
+        by_minute: dict[int, list[Spend]] = defaultdict(list)
         for spend in outcome.accepted:
-            age = now - spend.event_time.timestamp()
+            by_minute[spend.epoch_seconds // 60].append(spend)
+        for minute, spends in by_minute.items():
+            age = now - minute * 60
+            if age >= live.DAY_TTL_SECONDS:
+                continue
+            totals = self._minute_totals(spends)
+            at = spends[0].event_time
             if age < live.MINUTE_TTL_SECONDS:
-                self._add(live.minute_key(spend.event_time), live.MINUTE_TTL_SECONDS, spend)
+                self._merge(live.minute_key(at), live.MINUTE_TTL_SECONDS, totals)
             if age < live.HOUR_TTL_SECONDS:
-                self._add(live.hour_key(spend.event_time), live.HOUR_TTL_SECONDS, spend)
-            if age < live.DAY_TTL_SECONDS:
-                self._add(live.day_key(spend.event_time, self._zone), live.DAY_TTL_SECONDS, spend)
+                self._merge(live.hour_key(at), live.HOUR_TTL_SECONDS, totals)
+            self._merge(live.day_key(at, self._zone), live.DAY_TTL_SECONDS, totals)
         if len(self._settlements) >= MAX_PENDING_SETTLEMENTS:
             DROPPED.labels("settle", "backlog").inc()
             self._mark_unreconciled(outcome.accepted, "settlement backlog full")
         else:
             self._settlements.extend(s for s in outcome.accepted if s.cost_micros)
 
-    def _add(self, key: str, ttl: int, spend: Spend) -> None:
-        fields = self._counters[key]
+    @staticmethod
+    def _minute_totals(spends: list[Spend]) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        requests: Counter[str] = Counter()
+        cost: Counter[str] = Counter()
+        tokens = 0
+        for spend in spends:
+            tokens += spend.tokens
+            if spend.cost_micros:
+                cost[f"k|{spend.key_id}|cost"] += spend.cost_micros
+                cost[f"m|{spend.provider}|{spend.model}|cost"] += spend.cost_micros
+                cost[f"p|{spend.provider}|cost"] += spend.cost_micros
+        requests.update(f"k|{s.key_id}|requests" for s in spends)
+        requests.update(f"m|{s.provider}|{s.model}|requests" for s in spends)
+        requests.update(f"p|{s.provider}|requests" for s in spends)
+        totals.update(requests)
+        totals.update(cost)
+        totals["requests"] = len(spends)
+        totals["tokens"] = tokens
+        totals["cost"] = sum(s.cost_micros for s in spends)
+        return totals
+
+    def _merge(self, key: str, ttl: int, totals: Counter[str]) -> None:
+        self._counters[key].update(totals)
         self._ttl[key] = ttl
-        cost = spend.cost_micros
-        fields["requests"] += 1
-        fields["tokens"] += spend.tokens
-        fields["cost"] += cost
-        fields[f"k|{spend.key_id}|requests"] += 1
-        fields[f"k|{spend.key_id}|cost"] += cost
-        fields[f"m|{spend.provider}|{spend.model}|requests"] += 1
-        fields[f"m|{spend.provider}|{spend.model}|cost"] += cost
-        fields[f"p|{spend.provider}|requests"] += 1
-        fields[f"p|{spend.provider}|cost"] += cost
 
     async def _flush_forever(self) -> None:
         while True:
@@ -235,7 +258,8 @@ class AfterCommit:
                     actual_cost_micros=spend.cost_micros,
                     provider=spend.provider,
                 )
-                item.event_time.FromDatetime(spend.event_time)
+                item.event_time.seconds = spend.epoch_seconds
+                item.event_time.nanos = spend.epoch_nanos
             try:
                 await self._budget.SettleBatch(
                     request, timeout=SETTLE_TIMEOUT_SECONDS, metadata=call_metadata(self._master_key)

@@ -71,7 +71,7 @@ class Ingestor:
                 results[index].status = "duplicate"
                 results[index].reason = "an event with this requestId and eventTime is already recorded"
         duplicate = len(candidates) - len(accepted)
-        self._compactor.mark(v.event_time for v in accepted)
+        self._compactor.mark(v.epoch_seconds for v in accepted)
         self._after.submit(Outcome.of(accepted, duplicate, rejected))
         return ingest_pb2.RecordUsageBatchResult(
             accepted=len(accepted), duplicate=duplicate, rejected=rejected, results=results

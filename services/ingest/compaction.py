@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter
 
@@ -69,9 +69,9 @@ class Compactor:
         self._dirty: dict[RollupTable, set[datetime]] = {table: set() for table in TABLES}
         self._sql = {table: table.compact_sql() for table in TABLES}
 
-    def mark(self, event_times: Iterable[datetime]) -> None:
-        """Remembers the buckets a committed batch appended to (event times are UTC)."""
-        hours = {HOURLY.bucket_of(t) for t in event_times}
+    def mark(self, epoch_seconds: Iterable[int]) -> None:
+        """Remembers the buckets a committed batch appended to (event times as Unix seconds)."""
+        hours = {datetime.fromtimestamp(h * 3600, UTC) for h in {s // 3600 for s in epoch_seconds}}
         self._dirty[HOURLY] |= hours
         days = {DAILY.bucket_of(h) for h in hours}
         self._dirty[DAILY] |= days

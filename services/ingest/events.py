@@ -62,7 +62,10 @@ class ValidEvent:
     row: tuple[Any, ...]
     request_id: str
     event_time: datetime
+    epoch_seconds: int
+    epoch_nanos: int
     key_id: uuid.UUID
+    key_text: str
     provider: str
     model: str
     tokens: int
@@ -96,7 +99,7 @@ _ZERO_SECONDS = Decimal("0.000")
 # Small bounded caches for values that repeat across events (names, key ids, end users).
 _CACHE_LIMIT = 100_000
 _good_names: set[str] = set()
-_key_ids: dict[str, uuid.UUID] = {}
+_key_ids: dict[str, tuple[uuid.UUID, str]] = {}
 _user_hashes: dict[tuple[bytes, str], str] = {}
 
 
@@ -112,9 +115,10 @@ def _name(value: str, field: str) -> str:
     return value
 
 
-def _key_id(value: str) -> uuid.UUID:
-    key_id = _key_ids.get(value)
-    if key_id is None:
+def _key_id(value: str) -> tuple[uuid.UUID, str]:
+    """The key as a UUID and in canonical text form."""
+    known = _key_ids.get(value)
+    if known is None:
         if not value:
             raise Rejected("virtualKeyId", "required")
         try:
@@ -123,8 +127,8 @@ def _key_id(value: str) -> uuid.UUID:
             raise Rejected("virtualKeyId", "must be a UUID") from None
         if len(_key_ids) >= _CACHE_LIMIT:
             _key_ids.clear()
-        _key_ids[value] = key_id
-    return key_id
+        known = _key_ids[value] = (key_id, str(key_id))
+    return known
 
 
 def hash_end_user(key: bytes, end_user_id: str) -> str:
@@ -152,7 +156,7 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         raise Rejected("eventTime", f"is in the future beyond the allowed skew of {policy.future_skew}")
     if event_time < now - policy.late_window:
         raise Rejected("eventTime", f"is older than the late window of {policy.late_window}")
-    key_id = _key_id(event.virtual_key_id)
+    key_id, key_text = _key_id(event.virtual_key_id)
     provider = _name(event.provider, "provider")
     model = _name(event.model, "model")
     operation = event.operation
@@ -234,7 +238,10 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         row=row,
         request_id=request_id,
         event_time=event_time,
+        epoch_seconds=stamp.seconds,
+        epoch_nanos=stamp.nanos,
         key_id=key_id,
+        key_text=key_text,
         provider=provider,
         model=model,
         tokens=input_tokens + output_tokens + cached_read + cache_write + reasoning,

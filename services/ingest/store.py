@@ -40,6 +40,10 @@ ROLLUP_SUMS = _SUM_COLUMNS
 FINGERPRINT_GROUP = ("prompt_fingerprint", "provider", "model")
 FINGERPRINT_SUMS = ("requests", "input_tokens", "cost_micros")
 
+_ROLLUP_COLUMNS = ", ".join(("bucket", *ROLLUP_GROUP, *_SUM_COLUMNS))
+# The daily rows of a batch are the sums of its hourly rows (cheaper than re-aggregating events).
+_DAILY_SUMS = ", ".join(f"sum({c})" for c in _SUM_COLUMNS)
+
 SETUP_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_staging (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 """
@@ -74,7 +78,8 @@ def _rollup_insert(name: str, table: str, width: str, late_threshold_seconds: in
         INSERT INTO {table} ({columns})
         SELECT time_bucket('{width}', event_time), key_id, provider, model, operation,
                (http_status / 100)::text || 'xx', coalesce(error_type, ''), {", ".join(aggregates)}
-        FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7)"""  # noqa: S608
+        FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7
+        RETURNING *)"""  # noqa: S608
 
 
 def _batch_sql(late_threshold_seconds: int) -> str:
@@ -87,7 +92,10 @@ def _batch_sql(late_threshold_seconds: int) -> str:
         SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
         FROM new),
     {_rollup_insert("hourly", "usage_rollup_hourly", "1 hour", late_threshold_seconds)},
-    {_rollup_insert("daily", "usage_rollup_daily", "1 day", late_threshold_seconds)},
+    daily AS (
+        INSERT INTO usage_rollup_daily ({_ROLLUP_COLUMNS})
+        SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {_DAILY_SUMS}
+        FROM hourly GROUP BY 1, 2, 3, 4, 5, 6, 7),
     fingerprints AS (
         INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)
