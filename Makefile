@@ -9,7 +9,7 @@ provision:
 	@bash scripts/provision.sh
 
 run: provision
-	@$(PY) -m tally.devstack run
+	@DEMO=$(DEMO) $(PY) -m tally.devstack run
 
 test: provision
 	@$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

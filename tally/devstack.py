@@ -443,6 +443,25 @@ def local_stack(data_dir: Path, env: dict[str, str]) -> Iterator[Suite]:
         pg.stop()
 
 
+def _load_demo(suite: Suite, events: int, days: int) -> None:
+    """Sends demo traffic (tally.demo) through ingest, once: skipped when usage is already stored."""
+    import asyncio
+
+    import psycopg
+
+    from tally.demo import load
+
+    with psycopg.connect(suite.env["DATABASE_URL"], password=suite.env["DATABASE_PASSWORD"]) as conn:
+        row = conn.execute("SELECT EXISTS (SELECT 1 FROM usage_events)").fetchone()
+    if row is not None and row[0]:
+        print("demo data: usage already stored, not loading it again", flush=True)
+        return
+    print(f"demo data: sending {events:,} events over {days} days through ingest ...", flush=True)
+    address = suite.env.get("INGEST_ADDRESS", f"127.0.0.1:{DEFAULT_GRPC_PORTS[ServiceName.INGEST]}")
+    accepted = asyncio.run(load(address, suite.env["ADMIN_MASTER_KEY"], events, days))
+    print(f"demo data: {accepted:,} events accepted", flush=True)
+
+
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tally.devstack run", description="Run the whole suite locally.")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("UB_DATA_DIR", ROOT / ".data")))
@@ -451,6 +470,9 @@ def run(argv: list[str]) -> int:
     key = env.get("ADMIN_MASTER_KEY") or _read_or_create_secret(args.data_dir / "master-key")
     env["ADMIN_MASTER_KEY"] = key
     env.setdefault("END_USER_HASH_KEY", _read_or_create_secret(args.data_dir / "end-user-hash-key", 32))
+    demo = env.get("DEMO", "") not in ("", "0", "false")
+    if demo:  # demo history reaches back DEMO_DAYS: ingest must accept events that old
+        env.setdefault("INGEST_LATE_WINDOW_SECONDS", str((int(env.get("DEMO_DAYS", "90")) + 2) * 86400))
     stop_requested = False
 
     def request_stop(_signum: int, _frame: object) -> None:
@@ -460,6 +482,8 @@ def run(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     with local_stack(args.data_dir.resolve(), env) as suite:
+        if demo:
+            _load_demo(suite, int(env.get("DEMO_EVENTS", "200000")), int(env.get("DEMO_DAYS", "90")))
         port = env.get("GATEWAY_PORT", "5002")
         grpc_addresses = ", ".join(
             f"{s.value} {suite.env.get(s.value.upper() + '_ADDRESS', f'127.0.0.1:{DEFAULT_GRPC_PORTS[s]}')}"

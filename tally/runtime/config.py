@@ -179,6 +179,28 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Longest wait for the budget service when analytics reads budgets."
     )
 
+    # --- reporting
+    reporting_export_chunk_bytes: int = Field(
+        262_144, ge=4096, description="Size of the HttpBody chunks that exports and report downloads stream."
+    )
+    reporting_export_max_days: int = Field(
+        400, gt=0, description="Longest window of a usage or billing export, in days."
+    )
+    reporting_webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often new usage events become webhook events and pending events are batched."
+    )
+    reporting_webhook_scan_limit: int = Field(
+        10_000, gt=0, description="Most usage events turned into webhook events per pass."
+    )
+    reporting_schedule_grace_seconds: int = Field(
+        3600,
+        ge=0,
+        description="A report fire missed while the service was down runs once at start if at most this old.",
+    )
+    reporting_schedule_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often a reporting replica reloads schedules changed through another replica."
+    )
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
