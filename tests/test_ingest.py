@@ -276,6 +276,7 @@ def test_rollups_equal_raw_events_before_and_after_compaction(
         send(stack, stub, factory.events(400, recent(hours=70), timedelta(hours=69)))
     assert rollup_mismatches(stack, "usage_rollup_hourly", "1 hour") == []
     assert rollup_mismatches(stack, "usage_rollup_daily", "1 day") == []
+    assert narrow_rollup_mismatches(stack) == []
     deadline = datetime.now(UTC) + timedelta(seconds=30)  # the compactor runs every second in tests
     while rows_per_group(stack, "usage_rollup_daily", factory.keys) > 1 and datetime.now(UTC) < deadline:
         time.sleep(0.2)
@@ -283,6 +284,30 @@ def test_rollups_equal_raw_events_before_and_after_compaction(
     assert rows_per_group(stack, "usage_rollup_daily", factory.keys) == 1
     assert rollup_mismatches(stack, "usage_rollup_hourly", "1 hour") == []
     assert rollup_mismatches(stack, "usage_rollup_daily", "1 day") == []
+    assert narrow_rollup_mismatches(stack) == []
+
+
+def narrow_rollup_mismatches(stack: Stack) -> list[Any]:
+    """The global (no key) and per-key rollups against the raw events, per bucket and group."""
+    problems = []
+    with db(stack) as conn:
+        for table, width, group in (
+            ("usage_rollup_hourly_global", "1 hour", "provider, model, operation"),
+            ("usage_rollup_daily_global", "1 day", "provider, model, operation"),
+            ("usage_rollup_hourly_key", "1 hour", "key_id"),
+            ("usage_rollup_daily_key", "1 day", "key_id"),
+        ):
+            problems += conn.execute(
+                f"""WITH raw AS (SELECT time_bucket('{width}', event_time) AS bucket, {group}, count(*) AS n,
+                                        coalesce(sum(cost_micros), 0) AS cost, sum(output_tokens) AS output
+                                 FROM usage_events GROUP BY 1, {group}),
+                         roll AS (SELECT bucket, {group}, sum(requests) AS n, sum(cost_micros) AS cost,
+                                         sum(output_tokens) AS output FROM {table} GROUP BY 1, {group})
+                    SELECT '{table}', * FROM raw FULL JOIN roll USING (bucket, {group})
+                    WHERE raw.n IS DISTINCT FROM roll.n OR raw.cost IS DISTINCT FROM roll.cost
+                       OR raw.output IS DISTINCT FROM roll.output"""  # noqa: S608
+            ).fetchall()
+    return problems
 
 
 def test_random_windows_match_an_independent_computation(

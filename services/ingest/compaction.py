@@ -18,7 +18,14 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter
 
-from services.ingest.store import FINGERPRINT_GROUP, FINGERPRINT_SUMS, ROLLUP_GROUP, ROLLUP_SUMS
+from services.ingest.store import (
+    FINGERPRINT_GROUP,
+    FINGERPRINT_SUMS,
+    GLOBAL_GROUP,
+    KEY_GROUP,
+    ROLLUP_GROUP,
+    ROLLUP_SUMS,
+)
 from tally.runtime.db import Database
 
 log = logging.getLogger("tally.ingest.compaction")
@@ -58,7 +65,11 @@ class RollupTable:
 HOURLY = RollupTable("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
 DAILY = RollupTable("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
 FINGERPRINTS = RollupTable("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
-TABLES = (HOURLY, DAILY, FINGERPRINTS)
+HOURLY_GLOBAL = RollupTable("usage_rollup_hourly_global", timedelta(hours=1), GLOBAL_GROUP, ROLLUP_SUMS)
+DAILY_GLOBAL = RollupTable("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
+HOURLY_KEY = RollupTable("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
+DAILY_KEY = RollupTable("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
+TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
 
 
 class Compactor:
@@ -72,10 +83,9 @@ class Compactor:
     def mark(self, epoch_seconds: Iterable[int]) -> None:
         """Remembers the buckets a committed batch appended to (event times as Unix seconds)."""
         hours = {datetime.fromtimestamp(h * 3600, UTC) for h in {s // 3600 for s in epoch_seconds}}
-        self._dirty[HOURLY] |= hours
         days = {DAILY.bucket_of(h) for h in hours}
-        self._dirty[DAILY] |= days
-        self._dirty[FINGERPRINTS] |= days
+        for table in TABLES:
+            self._dirty[table] |= hours if table.width == HOURLY.width else days
 
     async def sweep(self, now: datetime) -> None:
         """Finds recent buckets left with several rows per group (e.g. by a crash) and compacts them."""

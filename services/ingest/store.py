@@ -2,8 +2,9 @@
 
 Per batch: binary COPY into a session temp table, then one statement that inserts into the
 hypertable with `ON CONFLICT DO NOTHING` (idempotency on (request_id, event_time)) and, from
-exactly the rows really inserted, appends one rollup row per group to the hourly, daily and
-fingerprint rollups and registers unknown keys. So a replayed event changes nothing anywhere.
+exactly the rows really inserted, appends one rollup row per group to the hourly and daily
+rollups (full dimensions, global without the key, and per key only) and the fingerprint rollup,
+and registers unknown keys. So a replayed event changes nothing anywhere.
 Rollups are append-only (no row is updated, so concurrent batches never wait on each other);
 the compactor (compaction.py) later merges each bucket to one row per group. Events are inserted
 in sorted order so concurrent batches take unique-index locks in the same order.
@@ -37,11 +38,16 @@ _SUM_COLUMNS = (
 )  # fmt: skip
 ROLLUP_GROUP = ("key_id", "provider", "model", "operation", "status_class", "error_type")
 ROLLUP_SUMS = _SUM_COLUMNS
+GLOBAL_GROUP = ("provider", "model", "operation", "status_class", "error_type")
+KEY_GROUP = ("key_id",)
 FINGERPRINT_GROUP = ("prompt_fingerprint", "provider", "model")
 FINGERPRINT_SUMS = ("requests", "input_tokens", "cost_micros")
 
 _ROLLUP_COLUMNS = ", ".join(("bucket", *ROLLUP_GROUP, *_SUM_COLUMNS))
-# The daily rows of a batch are the sums of its hourly rows (cheaper than re-aggregating events).
+_GLOBAL_COLUMNS = ", ".join(("bucket", *GLOBAL_GROUP, *_SUM_COLUMNS))
+_KEY_COLUMNS = ", ".join(("bucket", *KEY_GROUP, *_SUM_COLUMNS))
+# The daily rows of a batch are the sums of its hourly rows (cheaper than re-aggregating events);
+# the global and per-key rollups are likewise sums of the full hourly rows.
 _DAILY_SUMS = ", ".join(f"sum({c})" for c in _SUM_COLUMNS)
 
 SETUP_SQL = """
@@ -96,6 +102,22 @@ def _batch_sql(late_threshold_seconds: int) -> str:
         INSERT INTO usage_rollup_daily ({_ROLLUP_COLUMNS})
         SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {_DAILY_SUMS}
         FROM hourly GROUP BY 1, 2, 3, 4, 5, 6, 7),
+    hourly_global AS (
+        INSERT INTO usage_rollup_hourly_global ({_GLOBAL_COLUMNS})
+        SELECT bucket, {", ".join(GLOBAL_GROUP)}, {_DAILY_SUMS}
+        FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
+        RETURNING *),
+    daily_global AS (
+        INSERT INTO usage_rollup_daily_global ({_GLOBAL_COLUMNS})
+        SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {_DAILY_SUMS}
+        FROM hourly_global GROUP BY 1, 2, 3, 4, 5, 6),
+    hourly_key AS (
+        INSERT INTO usage_rollup_hourly_key ({_KEY_COLUMNS})
+        SELECT bucket, key_id, {_DAILY_SUMS} FROM hourly GROUP BY 1, 2
+        RETURNING *),
+    daily_key AS (
+        INSERT INTO usage_rollup_daily_key ({_KEY_COLUMNS})
+        SELECT time_bucket('1 day', bucket), key_id, {_DAILY_SUMS} FROM hourly_key GROUP BY 1, 2),
     fingerprints AS (
         INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)
