@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from tally.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.devstack import Suite, free_port, wait_for_grpc_health
-from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from tally.reporting.v1 import reporting_pb2, reporting_pb2_grpc
 from tally.runtime import context
 from tally.runtime.config import ServiceName
 from tally.runtime.db import Database
@@ -83,11 +83,11 @@ def test_rich_error_details_over_grpc(stack: Stack) -> None:
 
 
 def test_unimplemented_over_grpc(stack: Stack) -> None:
-    """Capabilities of later issues answer UNIMPLEMENTED (here: re-rating, issue 7)."""
-    with stack.channel(ServiceName.INGEST) as channel:
-        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+    """Capabilities of later issues answer UNIMPLEMENTED (here: the audit log, issue 7)."""
+    with stack.channel(ServiceName.REPORTING) as channel:
+        stub = reporting_pb2_grpc.ReportingServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.RecalculateCosts(ingest_pb2.RecalculateCostsRequest(), timeout=5, metadata=stack.auth())
+            stub.ListAuditLog(reporting_pb2.ListAuditLogRequest(), timeout=5, metadata=stack.auth())
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

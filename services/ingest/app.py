@@ -13,6 +13,7 @@ from services.ingest.aftercommit import AfterCommit, Outcome
 from services.ingest.compaction import Compactor
 from services.ingest.events import IngestPolicy, Rejected, ValidEvent, validate
 from services.ingest.prices import PriceRepository, PriceRowError, parse_csv, parse_price
+from services.ingest.recalc import Recalculator, parse_request
 from services.ingest.status import ingestion_status
 from services.ingest.store import UsageStore, prepare_connection
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -21,7 +22,7 @@ from tally.runtime.config import ServiceName
 from tally.runtime.db import Database
 from tally.runtime.errors import FailedPrecondition, InvalidArgument
 from tally.runtime.server import Registration, Resources
-from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size
+from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size, require_uuid
 
 
 class Ingestor:
@@ -81,8 +82,16 @@ class Ingestor:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """RPCs not overridden here answer UNIMPLEMENTED until their issue lands."""
 
-    def __init__(self, resources: Resources, ingestor: Ingestor, prices: PriceRepository, after: AfterCommit) -> None:
+    def __init__(
+        self,
+        resources: Resources,
+        ingestor: Ingestor,
+        prices: PriceRepository,
+        after: AfterCommit,
+        recalculator: Recalculator,
+    ) -> None:
         self._resources = resources
+        self._recalculator = recalculator
         self._ingestor = ingestor
         self._prices = prices
         self._after = after
@@ -117,6 +126,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.GetIngestionStatusResponse:
         status = await ingestion_status(self._resources.db, self._resources.redis, self._after, time.time())
         return ingest_pb2.GetIngestionStatusResponse(success=True, data=status)
+
+    async def RecalculateCosts(
+        self, request: ingest_pb2.RecalculateCostsRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.RecalculateCostsResponse:
+        job = await self._recalculator.submit(parse_request(request))
+        return ingest_pb2.RecalculateCostsResponse(success=True, data=job)
+
+    async def GetRecalculationJob(
+        self, request: ingest_pb2.GetRecalculationJobRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.GetRecalculationJobResponse:
+        job = await self._recalculator.get(require_uuid(request.job_id, "jobId"))
+        return ingest_pb2.GetRecalculationJobResponse(success=True, data=job)
 
     async def ListModelPrices(
         self, request: ingest_pb2.ListModelPricesRequest, context: grpc.aio.ServicerContext
@@ -205,9 +226,13 @@ async def build(resources: Resources) -> Sequence[Registration]:
     after = AfterCommit(resources.redis, budget_channel, settings.admin_master_key, settings.zone)
     after.start()
 
+    recalculator = Recalculator(resources.db, prices, compactor, budget_channel, settings.admin_master_key)
+    recalculating = asyncio.create_task(recalculator.run_forever())
+
     async def close() -> None:
         refresher.cancel()
         compacting.cancel()
+        recalculating.cancel()
         await after.stop()
         await budget_channel.close()
 
@@ -222,9 +247,7 @@ async def build(resources: Resources) -> Sequence[Registration]:
     ingestor = Ingestor(store, prices, policy, after, compactor, settings.ingest_max_batch)
     return [
         Registration(
-            # Until their issues land, unimplemented RPCs fall through to the generated base,
-            # which answers UNIMPLEMENTED; mypy sees them as abstract.
-            IngestServicer(resources, ingestor, prices, after),  # type: ignore[abstract]
+            IngestServicer(resources, ingestor, prices, after, recalculator),
             ingest_pb2_grpc.add_IngestServiceServicer_to_server,
             ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
             quiet_methods=frozenset({"RecordUsage", "RecordUsageBatch", "StreamUsage"}),
