@@ -99,11 +99,10 @@ def test_recalculation_after_a_price_correction(stack: Stack) -> None:
     assert round(job["costAfter"] * 1_000_000) == sum(expected_cost_micros(e, new_prices) or 0 for e in in_range)
 
     with psycopg.connect(stack.postgres.url, password=stack.postgres.password) as conn:
-        stored = dict(
-            conn.execute(
-                "SELECT request_id, cost_micros FROM usage_events WHERE key_id = ANY(%s::uuid[])", (factory.keys,)
-            ).fetchall()
-        )
+        rows = conn.execute(
+            "SELECT request_id, cost_micros FROM usage_events WHERE key_id = ANY(%s::uuid[])", (factory.keys,)
+        ).fetchall()
+    stored: dict[str, int | None] = {str(r[0]): r[1] for r in rows}
     for event in in_range:
         assert stored[event.request_id] == expected_cost_micros(event, new_prices)
     for event in outside + other:  # outside the dates or the keys: untouched
@@ -117,7 +116,8 @@ def test_recalculation_after_a_price_correction(stack: Stack) -> None:
     with stack.http() as client:
         budget = client.get(f"/api/admin/virtual-keys/{key}/budget").json()["data"]
         again = client.post("/api/admin/analytics/recalculate-costs", json=body).json()["data"]
-    expected_spend = sum(stored[e.request_id] or 0 for e in in_range + outside + reported)
+    expected_spend = sum((stored[e.request_id] or 0) for e in in_range + outside + reported)
     assert round(budget["currentSpend"] * 1_000_000) == expected_spend
     rerun = wait_for_job(stack, again["jobId"])
-    assert rerun["status"] == "succeeded" and rerun["eventsChanged"] == 0  # idempotent
+    assert rerun["status"] == "succeeded"
+    assert rerun["eventsChanged"] == 0  # idempotent
