@@ -7,8 +7,8 @@ in any process) claim due rows with `FOR UPDATE SKIP LOCKED`, deliver them over 
 with exponential backoff and dead-letter after the configured attempts.
 """
 
-from tally.notify.channels import Delivery, DeliveryResult, sign_webhook, webhook_headers
-from tally.notify.outbox import Notification, enqueue
+from tally.notify.channels import Delivery, DeliveryResult, WebhookCredentials, sign_webhook, webhook_headers
+from tally.notify.outbox import Notification, enqueue, requeue_dead
 from tally.notify.worker import DeliveryWorker, backoff_seconds
 
 __all__ = [
@@ -16,8 +16,10 @@ __all__ = [
     "DeliveryResult",
     "DeliveryWorker",
     "Notification",
+    "WebhookCredentials",
     "backoff_seconds",
     "enqueue",
+    "requeue_dead",
     "sign_webhook",
     "webhook_headers",
 ]

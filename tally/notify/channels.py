@@ -29,6 +29,16 @@ class DeliveryResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class WebhookCredentials:
+    """A webhook destination's own signing secret and bearer token (`notification_credentials`);
+    `ref` is the row they were read from; neither set means the row is gone."""
+
+    ref: str
+    secret: str | None = None
+    bearer_token: str | None = None
+
+
 def _secret_bytes(secret: str) -> bytes:
     if secret.startswith(_WHSEC):
         return base64.b64decode(secret[len(_WHSEC) :])
@@ -70,11 +80,18 @@ class Delivery:
         return int(self._clock())
 
     async def deliver(
-        self, channel: str, destination: str, subject: str, payload: dict[str, Any], message_id: str
+        self,
+        channel: str,
+        destination: str,
+        subject: str,
+        payload: dict[str, Any],
+        message_id: str,
+        *,
+        credentials: WebhookCredentials | None = None,
     ) -> DeliveryResult:
         try:
             if channel == "webhook":
-                return await self._webhook(destination, payload, message_id)
+                return await self._webhook(destination, payload, message_id, credentials)
             if channel == "slack":
                 return await self._post(destination, _body(payload), {"content-type": "application/json"})
             if channel == "pagerduty":
@@ -91,12 +108,21 @@ class Delivery:
             return DeliveryResult(True, response.status_code)
         return DeliveryResult(False, response.status_code, f"HTTP {response.status_code}: {response.text[:500]}")
 
-    async def _webhook(self, url: str, payload: dict[str, Any], message_id: str) -> DeliveryResult:
+    async def _webhook(
+        self, url: str, payload: dict[str, Any], message_id: str, credentials: WebhookCredentials | None = None
+    ) -> DeliveryResult:
         body = _body(payload)
-        secret = self._settings.notify_webhook_secret
-        headers = webhook_headers(secret.get_secret_value() if secret else None, message_id, self._now(), body)
-        if token := self._settings.notify_webhook_bearer_token:
-            headers["authorization"] = f"Bearer {token.get_secret_value()}"
+        if credentials is not None:
+            if credentials.secret is None and credentials.bearer_token is None:
+                return DeliveryResult(False, error=f"webhook credentials {credentials.ref!r} not found")
+            secret_text, token_text = credentials.secret, credentials.bearer_token
+        else:
+            secret, token = self._settings.notify_webhook_secret, self._settings.notify_webhook_bearer_token
+            secret_text = secret.get_secret_value() if secret else None
+            token_text = token.get_secret_value() if token else None
+        headers = webhook_headers(secret_text, message_id, self._now(), body)
+        if token_text:
+            headers["authorization"] = f"Bearer {token_text}"
         return await self._post(url, body, headers)
 
     async def _pagerduty(self, url: str, payload: dict[str, Any]) -> DeliveryResult:
@@ -110,6 +136,14 @@ class Delivery:
         message["To"] = recipients
         message["Subject"] = subject
         message.set_content(str(payload.get("text", "")))
+        for attachment in payload.get("attachments") or []:
+            maintype, _, subtype = str(attachment.get("contentType", "application/octet-stream")).partition("/")
+            message.add_attachment(
+                base64.b64decode(attachment["contentBase64"]),
+                maintype=maintype,
+                subtype=subtype or "octet-stream",
+                filename=str(attachment.get("filename", "attachment")),
+            )
         await asyncio.to_thread(self._send_mail, message)
         return DeliveryResult(True, 250)
 

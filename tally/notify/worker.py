@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from tally.notify.channels import Delivery, DeliveryResult
+from tally.notify.channels import Delivery, DeliveryResult, WebhookCredentials
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 
@@ -36,7 +36,10 @@ FROM (
     FOR UPDATE SKIP LOCKED
 ) due
 WHERE o.id = due.id
-RETURNING o.id, o.message_id, o.channel, o.destination, o.subject, o.payload, o.attempts, o.max_attempts
+RETURNING o.id, o.message_id, o.channel, o.destination, o.subject, o.payload, o.attempts, o.max_attempts,
+    o.retry_base_seconds, o.credentials_ref,
+    (SELECT c.signing_secret FROM notification_credentials c WHERE c.ref = o.credentials_ref) AS signing_secret,
+    (SELECT c.bearer_token FROM notification_credentials c WHERE c.ref = o.credentials_ref) AS bearer_token
 """
 
 
@@ -44,6 +47,13 @@ def backoff_seconds(attempt: int, base: float, maximum: float, *, jitter: float 
     """Delay after failed attempt number `attempt` (1-based): base * 2^(attempt-1), capped, +/- jitter."""
     delay = min(maximum, base * 2.0 ** (attempt - 1))
     return max(0.0, delay * (1.0 + random.uniform(-jitter, jitter)))
+
+
+def _credentials(row: dict[str, Any]) -> WebhookCredentials | None:
+    """The row's own webhook credentials, when it names some (`credentials_ref`)."""
+    if not row.get("credentials_ref"):
+        return None
+    return WebhookCredentials(row["credentials_ref"], row.get("signing_secret"), row.get("bearer_token"))
 
 
 class DeliveryWorker:
@@ -99,7 +109,12 @@ class DeliveryWorker:
         try:
             result = await asyncio.wait_for(
                 self._delivery.deliver(
-                    row["channel"], row["destination"], row["subject"], row["payload"], row["message_id"]
+                    row["channel"],
+                    row["destination"],
+                    row["subject"],
+                    row["payload"],
+                    row["message_id"],
+                    credentials=_credentials(row),
                 ),
                 self._settings.notify_timeout_seconds + 5,
             )
@@ -133,7 +148,9 @@ class DeliveryWorker:
                 )
             else:
                 delay = backoff_seconds(
-                    attempt, self._settings.notify_backoff_base_seconds, self._settings.notify_backoff_max_seconds
+                    attempt,
+                    row.get("retry_base_seconds") or self._settings.notify_backoff_base_seconds,
+                    self._settings.notify_backoff_max_seconds,
                 )
                 log.warning(
                     "notification attempt failed",
