@@ -17,14 +17,25 @@ def test_pipeline_health_reports_real_dependencies(stack: Stack) -> None:
     body = response.json()
     assert body["success"] is True
     data = body["data"]
-    assert data["status"] == "healthy"
+    assert data["status"] == "healthy", json.dumps(data)
     components = data["components"]
-    assert set(components) == {"postgres", "timescaledb", "redis", "ingest", "analytics", "budget", "reporting"}
+    assert set(components) == {
+        "postgres",
+        "timescaledb",
+        "redis",
+        "ingest",
+        "analytics",
+        "budget",
+        "reporting",
+        "gateway",
+    }
     assert all(c["status"] == "up" for c in components.values())
     assert components["postgres"]["version"].startswith("15.")
     assert components["timescaledb"]["version"].startswith("2.")
     assert "license=apache" in components["timescaledb"]["detail"]
     assert components["redis"]["version"]
+    assert data["rollupConsistency"]["status"] == "consistent"
+    assert set(data["outbox"]) == {"pending", "deadLettered"}
 
 
 def test_pipeline_health_sees_a_stopped_redis(stack: Stack) -> None:
@@ -171,3 +182,54 @@ def test_correlation_id_is_logged(stack: Stack) -> None:
     lines = [json.loads(line) for line in stack.log_text("analytics").splitlines() if correlation_id in line]
     assert lines, "no log line carried the correlation id"
     assert all(line["correlationId"] == correlation_id for line in lines)
+
+
+def test_pipeline_health_detects_a_rollup_that_disagrees_with_raw_events(stack: Stack) -> None:
+    import psycopg
+
+    from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS
+
+    key = str(uuid.uuid4())
+    sums = [
+        "requests",
+        "successes",
+        "failures",
+        "input_tokens",
+        "output_tokens",
+        "cached_read_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+        "images",
+        "audio_seconds",
+        "cost_micros",
+        "provider_cost_requests",
+        "unpriced_requests",
+        "late_requests",
+        "streaming_requests",
+        "tool_requests",
+        "small_input_requests",
+        "small_input_input_tokens",
+        "small_input_output_tokens",
+        "small_input_cost_micros",
+        "latency_ms_sum",
+        "ttft_ms_sum",
+        "ttft_count",
+        *LATENCY_COLUMNS,
+        *TTFT_COLUMNS,
+    ]
+    values = ["1" if c == "requests" else "0" for c in sums]
+    with psycopg.connect(stack.postgres.url, password=stack.postgres.password, autocommit=True) as conn:
+        conn.execute(
+            f"""INSERT INTO usage_rollup_hourly (bucket, key_id, provider, model, operation, status_class, error_type,
+                    {", ".join(sums)})
+                VALUES (date_trunc('hour', now()) - interval '2 hours', %s, 'ghost', 'ghost', 'chat.completions',
+                        '2xx', '', {", ".join(values)})""",  # noqa: S608
+            (key,),
+        )
+        try:
+            with stack.http() as client:
+                data = client.get("/api/admin/analytics/pipeline-health").json()["data"]
+        finally:
+            conn.execute("DELETE FROM usage_rollup_hourly WHERE key_id = %s", (key,))
+    assert data["rollupConsistency"]["status"] == "inconsistent"
+    assert data["status"] == "degraded"

@@ -140,12 +140,15 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
     async def GetPipelineHealth(
         self, request: analytics_pb2.GetPipelineHealthRequest, context: grpc.aio.ServicerContext
     ) -> analytics_pb2.GetPipelineHealthResponse:
-        report = await pipeline_health(self._resources.db, self._resources.redis, self._peers)
+        settings = self._resources.settings
+        gateway = settings.gateway_probe_address or f"127.0.0.1:{settings.gateway_port}"
+        report = await pipeline_health(self._resources.db, self._resources.redis, self._peers, gateway)
         data = analytics_pb2.PipelineHealth(
             status=report.status,
             rollup_consistency=analytics_pb2.RollupConsistency(
-                status="unknown", detail="rollups are not maintained yet"
+                status=report.rollup_status, detail=report.rollup_detail
             ),
+            outbox=analytics_pb2.OutboxHealth(pending=report.outbox_pending, dead_lettered=report.outbox_dead),
         )
         data.checked_at.FromDatetime(report.checked_at)
         for name, component in report.components.items():

@@ -32,6 +32,67 @@ class PipelineHealthReport:
     status: str  # healthy | degraded | unhealthy
     checked_at: datetime
     components: dict[str, ComponentStatus]
+    outbox_pending: int = 0
+    outbox_dead: int = 0
+    rollup_status: str = "unknown"  # consistent | inconsistent | unknown
+    rollup_detail: str = ""
+
+
+# The consistency check compares the last few complete hours of raw events with the hourly
+# rollups (requests and cost), which must be equal at every instant.
+CONSISTENCY_HOURS = 3
+
+
+async def check_outbox(db: Database) -> tuple[int, int]:
+    row = await db.fetch_one(
+        """SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                  count(*) FILTER (WHERE status = 'dead') AS dead
+           FROM notification_outbox"""
+    )
+    return (int(row["pending"]), int(row["dead"])) if row else (0, 0)
+
+
+async def check_rollup_consistency(db: Database) -> tuple[str, str]:
+    rows = await db.fetch_all(
+        f"""WITH bounds AS (SELECT date_trunc('hour', now()) - interval '{CONSISTENCY_HOURS} hours' AS lo,
+                                   date_trunc('hour', now()) AS hi),
+                raw AS (SELECT time_bucket('1 hour', event_time) AS bucket, count(*) AS requests,
+                               coalesce(sum(cost_micros), 0) AS cost
+                        FROM usage_events, bounds WHERE event_time >= lo AND event_time < hi GROUP BY 1),
+                roll AS (SELECT bucket, sum(requests) AS requests, sum(cost_micros) AS cost
+                         FROM usage_rollup_hourly, bounds WHERE bucket >= lo AND bucket < hi GROUP BY 1)
+            SELECT coalesce(raw.bucket, roll.bucket) AS bucket, raw.requests AS raw_requests,
+                   roll.requests AS rollup_requests, raw.cost AS raw_cost, roll.cost AS rollup_cost
+            FROM raw FULL JOIN roll USING (bucket)
+            WHERE raw.requests IS DISTINCT FROM roll.requests OR raw.cost IS DISTINCT FROM roll.cost"""  # noqa: S608
+    )
+    if not rows:
+        return "consistent", f"hourly rollups equal the raw events over the last {CONSISTENCY_HOURS} complete hours"
+    first = rows[0]
+    return "inconsistent", (
+        f"{len(rows)} hour(s) differ, e.g. {first['bucket'].isoformat()}: raw {first['raw_requests']} requests / "
+        f"{first['raw_cost']} micro-USD, rollup {first['rollup_requests']} / {first['rollup_cost']}"
+    )
+
+
+async def check_gateway(address: str) -> ComponentStatus:
+    """Envoy answers on its REST listener (the OpenAPI document is served by Envoy itself)."""
+
+    async def probe() -> tuple[str, str]:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /api/admin/openapi.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            reply = await reader.read(200)
+        finally:
+            writer.close()
+        status_line = reply.split(b"\r\n", 1)[0].decode(errors="replace")
+        if " 200 " not in status_line + " ":
+            raise RuntimeError(f"envoy answered {status_line!r}")
+        return "", "serving the REST listener"
+
+    return await _timed(probe)
 
 
 async def _timed(probe: Callable[[], Awaitable[tuple[str, str]]]) -> ComponentStatus:
@@ -91,10 +152,14 @@ async def check_service(channel: grpc.aio.Channel) -> ComponentStatus:
 
 
 async def pipeline_health(
-    db: Database, redis: RedisClient, services: Mapping[str, grpc.aio.Channel | None]
+    db: Database,
+    redis: RedisClient,
+    services: Mapping[str, grpc.aio.Channel | None],
+    gateway_address: str | None = None,
 ) -> PipelineHealthReport:
     """Runs every probe concurrently. `services` maps a name to its channel (None = this process)."""
     names = list(services)
+    gateway = asyncio.create_task(check_gateway(gateway_address)) if gateway_address else None
     database = asyncio.create_task(check_database(db))
     redis_status = asyncio.create_task(check_redis(redis))
     service_statuses: list[ComponentStatus] = await asyncio.gather(
@@ -107,13 +172,25 @@ async def pipeline_health(
         "redis": await redis_status,
         **dict(zip(names, service_statuses, strict=True)),
     }
+    if gateway is not None:
+        components["gateway"] = await gateway
+    pending = dead = 0
+    rollup_status, rollup_detail = "unknown", ""
+    if postgres.status == "up":
+        try:
+            pending, dead = await check_outbox(db)
+            rollup_status, rollup_detail = await check_rollup_consistency(db)
+        except Exception as exc:  # a failed check is reported, not raised
+            rollup_detail = f"{type(exc).__name__}: {exc}"[:300]
     if any(components[name].status != "up" for name in CRITICAL):
         overall = "unhealthy"
     elif any(c.status != "up" for c in components.values()):
         overall = "degraded"
     else:
         overall = "healthy"
-    return PipelineHealthReport(overall, datetime.now(UTC), components)
+    if overall == "healthy" and (rollup_status == "inconsistent" or dead > 0):
+        overall = "degraded"
+    return PipelineHealthReport(overall, datetime.now(UTC), components, pending, dead, rollup_status, rollup_detail)
 
 
 async def _self_status() -> ComponentStatus:

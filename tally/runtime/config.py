@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     reporting_metrics_port: int = Field(9154, description="Prometheus port of the reporting service.")
     gateway_host: str = Field("127.0.0.1", description="Interface Envoy listens on.")
     gateway_port: int = Field(5002, description="Port of the REST admin API (Envoy).")
+    gateway_probe_address: str | None = Field(
+        None, description="host:port where pipeline health probes Envoy's REST listener (default: local GATEWAY_PORT)."
+    )
     gateway_admin_port: int = Field(9901, description="Envoy admin port (always bound to loopback).")
 
     # --- behaviour
