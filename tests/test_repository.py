@@ -97,3 +97,18 @@ def test_readme_documents_every_setting_and_the_two_commands() -> None:
     assert not missing, f"README lacks {missing}"
     assert "make run" in readme
     assert "make test" in readme
+
+
+def test_readme_documents_every_metric() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    defined: set[str] = set()
+    for path in [*ROOT.glob("services/**/*.py"), *ROOT.glob("tally/**/*.py")]:
+        if "_pb2" in path.name:
+            continue
+        text = path.read_text()
+        defined |= set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(tally_[a-z0-9_]+)"', text))
+    missing = sorted(name for name in defined if f"`{name}`" not in readme)
+    assert defined, "no metric found: the pattern is out of date"
+    assert not missing, f"README's metrics table lacks {missing}"

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from services.ingest.aftercommit import AfterCommit, Outcome
 from services.ingest.compaction import Compactor
@@ -23,6 +24,13 @@ from tally.runtime.db import Database
 from tally.runtime.errors import FailedPrecondition, InvalidArgument
 from tally.runtime.server import Registration, Resources
 from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size, require_uuid
+
+EVENTS = Counter("tally_ingest_events_total", "Usage events received, by outcome.", ["outcome"])
+LAG = Histogram(
+    "tally_ingest_lag_seconds",
+    "Ingest lag: commit time minus event time, observed for the newest event of each batch.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 604800),
+)
 
 
 class Ingestor:
@@ -72,6 +80,11 @@ class Ingestor:
                 results[index].status = "duplicate"
                 results[index].reason = "an event with this requestId and eventTime is already recorded"
         duplicate = len(candidates) - len(accepted)
+        EVENTS.labels("accepted").inc(len(accepted))
+        EVENTS.labels("duplicate").inc(duplicate)
+        EVENTS.labels("rejected").inc(rejected)
+        if accepted:
+            LAG.observe(max(0.0, time.time() - max(v.epoch_seconds for v in accepted)))
         self._compactor.mark(v.epoch_seconds for v in accepted)
         self._after.submit(Outcome.of(accepted, duplicate, rejected))
         return ingest_pb2.RecordUsageBatchResult(

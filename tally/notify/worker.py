@@ -8,10 +8,11 @@ import logging
 import os
 import random
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from tally.notify.channels import Delivery, DeliveryResult, WebhookCredentials
 from tally.runtime.config import Settings
@@ -24,6 +25,11 @@ DELIVERIES = Counter(
     "Notification delivery attempts, by channel and result.",
     ["channel", "result"],
 )
+
+OUTBOX = Gauge("tally_notifications_outbox", "Notification outbox rows by status (pending backlog, dead letters).",
+               ["status"])
+# How often a worker refreshes the outbox gauges (one count query).
+_GAUGE_SECONDS = 15.0
 
 _CLAIM = """
 UPDATE notification_outbox o
@@ -74,8 +80,22 @@ class DeliveryWorker:
     async def close(self) -> None:
         await self._delivery.close()
 
+    async def _refresh_gauges(self) -> None:
+        row = await self._db.fetch_one(
+            """SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                      count(*) FILTER (WHERE status = 'dead') AS dead FROM notification_outbox"""
+        )
+        if row is not None:
+            OUTBOX.labels("pending").set(row["pending"])
+            OUTBOX.labels("dead").set(row["dead"])
+
     async def run(self, stop: asyncio.Event) -> None:
+        gauges_at = 0.0
         while not stop.is_set():
+            if time.monotonic() - gauges_at > _GAUGE_SECONDS:
+                gauges_at = time.monotonic()
+                with contextlib.suppress(Exception):
+                    await self._refresh_gauges()
             try:
                 handled = await self.run_once()
             except Exception:
