@@ -168,6 +168,9 @@ def build_envoy_config(layout: GatewayLayout) -> dict[str, Any]:
         "stat_prefix": "admin_api",
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # Append the peer's address to x-forwarded-for (the services' audit log reads the last
+        # entry as the client IP; earlier entries are whatever the client claimed).
+        "use_remote_address": True,
         "stream_idle_timeout": "300s",
         "route_config": {
             "name": "admin_api",

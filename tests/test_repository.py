@@ -112,3 +112,16 @@ def test_readme_documents_every_metric() -> None:
     missing = sorted(name for name in defined if f"`{name}`" not in readme)
     assert defined, "no metric found: the pattern is out of date"
     assert not missing, f"README's metrics table lacks {missing}"
+
+
+def test_no_service_imports_another_services_internals() -> None:
+    """Services talk gRPC; shared code lives in tally/ (runtime, usage, notify)."""
+    import re
+
+    offenders = []
+    for path in ROOT.glob("services/*/**/*.py"):
+        own = path.relative_to(ROOT / "services").parts[0]
+        for other in re.findall(r"^\s*(?:from|import) services\.(\w+)", path.read_text(), flags=re.MULTILINE):
+            if other != own:
+                offenders.append(f"{path.relative_to(ROOT)} imports services.{other}")
+    assert not offenders, offenders

@@ -13,63 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter
 
-from services.ingest.store import (
-    FINGERPRINT_GROUP,
-    FINGERPRINT_SUMS,
-    GLOBAL_GROUP,
-    KEY_GROUP,
-    ROLLUP_GROUP,
-    ROLLUP_SUMS,
-)
 from tally.runtime.db import Database
+from tally.usage.schema import DAILY, HOURLY, TABLES, RollupTable
 
 log = logging.getLogger("tally.ingest.compaction")
 COMPACTED = Counter("tally_ingest_rollup_buckets_compacted_total", "Rollup buckets compacted.", ["table"])
-
-
-@dataclass(frozen=True)
-class RollupTable:
-    name: str
-    width: timedelta
-    group: tuple[str, ...]
-    sums: tuple[str, ...]
-
-    def compact_sql(self) -> str:
-        columns = ", ".join(("bucket", *self.group, *self.sums))
-        sums = ", ".join(f"sum({c})" for c in self.sums)
-        keys = ", ".join(("bucket", *self.group))
-        return f"""
-            WITH old AS (DELETE FROM {self.name} WHERE bucket = %s RETURNING *)
-            INSERT INTO {self.name} ({columns})
-            SELECT {keys}, {sums} FROM old GROUP BY {keys}
-        """  # noqa: S608 (constants)
-
-    def duplicated_buckets_sql(self) -> str:
-        keys = ", ".join(self.group)
-        return f"""
-            SELECT bucket FROM {self.name} WHERE bucket >= %s
-            GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))
-        """  # noqa: S608 (constants)
-
-    def bucket_of(self, at: datetime) -> datetime:
-        if self.width == timedelta(hours=1):
-            return at.replace(minute=0, second=0, microsecond=0)
-        return at.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-HOURLY = RollupTable("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
-DAILY = RollupTable("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
-FINGERPRINTS = RollupTable("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
-HOURLY_GLOBAL = RollupTable("usage_rollup_hourly_global", timedelta(hours=1), GLOBAL_GROUP, ROLLUP_SUMS)
-DAILY_GLOBAL = RollupTable("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
-HOURLY_KEY = RollupTable("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
-DAILY_KEY = RollupTable("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
-TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
 
 
 class Compactor:

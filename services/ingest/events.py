@@ -7,8 +7,6 @@ end-user id is replaced by a keyed hash, so the raw id never reaches storage.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import re
 import uuid
@@ -21,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from services.ingest.pricing import PriceBook, cost_micros
 from tally.ingest.v1 import ingest_pb2
+from tally.usage.identity import hash_end_user
 
 MAX_ID_LENGTH = 200
 MAX_NAME_LENGTH = 120
@@ -31,21 +30,6 @@ MAX_COUNT = 10**12
 # An operation is dotted lower-case words: chat.completions, audio.speech, batch.embeddings.
 OPERATION = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*){0,3}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
-SMALL_INPUT_TOKENS = 1000
-
-# Column order of the rows below; also the COPY column list.
-COLUMNS: tuple[str, ...] = (
-    "event_time", "request_id", "key_id", "provider", "model", "operation",
-    "input_tokens", "output_tokens", "cached_read_tokens", "cache_write_tokens", "reasoning_tokens",
-    "images", "audio_seconds", "latency_ms", "ttft_ms", "http_status", "error_type", "streaming",
-    "tools_used", "end_user_hash", "prompt_fingerprint", "cost_micros", "cost_source", "price_id", "tags",
-)  # fmt: skip
-COPY_TYPES: tuple[str, ...] = (
-    "timestamptz", "text", "uuid", "text", "text", "text",
-    "int8", "int8", "int8", "int8", "int8",
-    "int4", "numeric", "int4", "int4", "int2", "text", "bool",
-    "bool", "text", "text", "int8", "text", "int8", "jsonb",
-)  # fmt: skip
 
 
 class Rejected(Exception):
@@ -100,7 +84,6 @@ _ZERO_SECONDS = Decimal("0.000")
 _CACHE_LIMIT = 100_000
 _good_names: set[str] = set()
 _key_ids: dict[str, tuple[uuid.UUID, str]] = {}
-_user_hashes: dict[tuple[bytes, str], str] = {}
 
 
 def _name(value: str, field: str) -> str:
@@ -129,16 +112,6 @@ def _key_id(value: str) -> tuple[uuid.UUID, str]:
             _key_ids.clear()
         known = _key_ids[value] = (key_id, str(key_id))
     return known
-
-
-def hash_end_user(key: bytes, end_user_id: str) -> str:
-    cached = _user_hashes.get((key, end_user_id))
-    if cached is None:
-        cached = hmac.digest(key, end_user_id.encode(), hashlib.sha256).hex()
-        if len(_user_hashes) >= _CACHE_LIMIT:
-            _user_hashes.clear()
-        _user_hashes[(key, end_user_id)] = cached
-    return cached
 
 
 def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, prices: PriceBook) -> ValidEvent:

@@ -28,16 +28,15 @@ from psycopg.rows import dict_row
 from pydantic import SecretStr
 
 from services.ingest.compaction import Compactor
-from services.ingest.events import SMALL_INPUT_TOKENS
 from services.ingest.prices import PriceRepository
 from services.ingest.pricing import cost_micros
-from services.ingest.store import GLOBAL_GROUP, KEY_GROUP, ROLLUP_GROUP, ROLLUP_SUMS
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.ingest.v1 import ingest_pb2
 from tally.runtime.clients import call_metadata
 from tally.runtime.db import Database
 from tally.runtime.errors import NotFound
 from tally.runtime.validation import Violations, require_uuid
+from tally.usage.schema import GLOBAL_GROUP, KEY_GROUP, ROLLUP_GROUP, ROLLUP_SUMS, SMALL_INPUT_TOKENS
 
 log = logging.getLogger("tally.ingest.recalc")
 

@@ -20,28 +20,25 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from services.ingest.events import COLUMNS, COPY_TYPES, SMALL_INPUT_TOKENS, ValidEvent
+from services.ingest.events import ValidEvent
 from tally.runtime.db import Database
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
+from tally.usage.schema import (
+    COLUMNS,
+    COPY_TYPES,
+    GLOBAL_GROUP,
+    KEY_GROUP,
+    ROLLUP_GROUP,
+    ROLLUP_SUMS,
+    SMALL_INPUT_TOKENS,
+)
 
 log = logging.getLogger("tally.ingest.store")
 
 _RETRIES = 3
 
 _BOUNDS = "ARRAY[" + ",".join(str(int(b)) for b in UPPER_BOUNDS_MS[:-1]) + "]"
-_SUM_COLUMNS = (
-    "requests", "successes", "failures", "input_tokens", "output_tokens", "cached_read_tokens",
-    "cache_write_tokens", "reasoning_tokens", "images", "audio_seconds", "cost_micros",
-    "provider_cost_requests", "unpriced_requests", "late_requests", "streaming_requests", "tool_requests",
-    "small_input_requests", "small_input_input_tokens", "small_input_output_tokens", "small_input_cost_micros",
-    "latency_ms_sum", "ttft_ms_sum", "ttft_count", *LATENCY_COLUMNS, *TTFT_COLUMNS,
-)  # fmt: skip
-ROLLUP_GROUP = ("key_id", "provider", "model", "operation", "status_class", "error_type")
-ROLLUP_SUMS = _SUM_COLUMNS
-GLOBAL_GROUP = ("provider", "model", "operation", "status_class", "error_type")
-KEY_GROUP = ("key_id",)
-FINGERPRINT_GROUP = ("prompt_fingerprint", "provider", "model")
-FINGERPRINT_SUMS = ("requests", "input_tokens", "cost_micros")
+_SUM_COLUMNS = ROLLUP_SUMS
 
 _ROLLUP_COLUMNS = ", ".join(("bucket", *ROLLUP_GROUP, *_SUM_COLUMNS))
 _GLOBAL_COLUMNS = ", ".join(("bucket", *GLOBAL_GROUP, *_SUM_COLUMNS))

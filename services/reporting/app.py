@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from google.api import httpbody_pb2
 
-from services.reporting import billing, exports
+from services.reporting import billing, datasubjects, exports, retention
+from services.reporting.governance import ApiKeyStore, AuditLogReader
 from services.reporting.reports import ReportRunner, ReportScheduler, ReportStore
 from services.reporting.webhooks import WebhookPipeline, WebhookStore
 from tally.notify import DeliveryWorker
@@ -41,7 +42,7 @@ async def _bytes_in_chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
 
 
 class ReportingServicer(reporting_pb2_grpc.ReportingServiceServicer):
-    """RPCs not overridden here (the governance routes of issue 7) answer UNIMPLEMENTED."""
+    """Every RPC of ReportingService; each delegates to its module."""
 
     def __init__(
         self,
@@ -55,6 +56,8 @@ class ReportingServicer(reporting_pb2_grpc.ReportingServiceServicer):
         self._webhooks = webhooks
         self._reports = reports
         self._billing = billing_exporter
+        self._api_keys = ApiKeyStore(resources.db)
+        self._audit_log = AuditLogReader(resources.db)
 
     # ------------------------------------------------------------------------------------------ exports
     async def ExportUsage(
@@ -77,6 +80,19 @@ class ReportingServicer(reporting_pb2_grpc.ReportingServiceServicer):
         chunks = _bytes_in_chunks(document, self._settings.reporting_export_chunk_bytes)
         async for body in _chunks_as_bodies("application/json", chunks):
             yield body
+
+    # ------------------------------------------------------------------------------------------ data subjects
+    async def ExportDataSubject(
+        self, request: reporting_pb2.ExportDataSubjectRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        await context.send_initial_metadata(content_disposition("data-subject-export.json"))
+        async for body in datasubjects.export_bodies(self._resources, request):
+            yield body
+
+    async def DeleteDataSubject(
+        self, request: reporting_pb2.DeleteDataSubjectRequest, context: grpc.aio.ServicerContext
+    ) -> reporting_pb2.DeleteDataSubjectResponse:
+        return await datasubjects.delete_response(self._resources, request)
 
     # ------------------------------------------------------------------------------------------ webhooks
     async def GetWebhooks(
@@ -145,6 +161,27 @@ class ReportingServicer(reporting_pb2_grpc.ReportingServiceServicer):
             success=True, data=await self._reports.replace_scheduled(request)
         )
 
+    # ------------------------------------------------------------------------------------------ governance
+    async def ListAuditLog(
+        self, request: reporting_pb2.ListAuditLogRequest, context: grpc.aio.ServicerContext
+    ) -> reporting_pb2.ListAuditLogResponse:
+        return reporting_pb2.ListAuditLogResponse(success=True, data=await self._audit_log.list_entries(request))
+
+    async def CreateApiKey(
+        self, request: reporting_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> reporting_pb2.CreateApiKeyResponse:
+        return reporting_pb2.CreateApiKeyResponse(success=True, data=await self._api_keys.create(request))
+
+    async def ListApiKeys(
+        self, request: reporting_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> reporting_pb2.ListApiKeysResponse:
+        return reporting_pb2.ListApiKeysResponse(success=True, data=await self._api_keys.list_keys(request))
+
+    async def RevokeApiKey(
+        self, request: reporting_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> reporting_pb2.RevokeApiKeyResponse:
+        return reporting_pb2.RevokeApiKeyResponse(success=True, data=await self._api_keys.revoke(request.api_key_id))
+
 
 async def build(resources: Resources) -> Sequence[Registration]:
     settings, db = resources.settings, resources.db
@@ -168,9 +205,8 @@ async def build(resources: Resources) -> Sequence[Registration]:
         await worker.close()
 
     resources.closers.append(close)
-    # The governance RPCs (issue 7) fall through to the generated base, which answers
-    # UNIMPLEMENTED; mypy sees them as abstract.
-    servicer = ReportingServicer(resources, webhooks, store, billing.BillingExporter(db, settings))  # type: ignore[abstract]
+    retention.install(resources)  # raw-event retention and archiving (issue 7)
+    servicer = ReportingServicer(resources, webhooks, store, billing.BillingExporter(db, settings))
     return [
         Registration(
             servicer,

@@ -204,6 +204,26 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often a reporting replica reloads schedules changed through another replica."
     )
 
+    # --- retention
+    retention_raw_days: int = Field(
+        400,
+        ge=0,
+        description="Raw usage events older than this many days are archived, then dropped (0: kept forever).",
+    )
+    retention_archive_dir: str = Field(
+        ".data/archive", description="Folder of the raw-event archives (gzip CSV + JSON manifest per chunk)."
+    )
+    retention_check_seconds: float = Field(
+        3600.0, gt=0, description="How often the reporting service runs the retention job."
+    )
+
+    # --- governance
+    audit_queue_size: int = Field(
+        10000, ge=1, description="Audit entries a service holds in memory before dropping (counted in a metric)."
+    )
+    audit_batch_size: int = Field(500, ge=1, description="Most audit entries written in one INSERT.")
+    audit_flush_seconds: float = Field(0.2, gt=0, description="How often queued audit entries are written.")
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:

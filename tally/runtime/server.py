@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tally.runtime.access import ApiKeyVerifier, method_permissions
+from tally.runtime.audit import AuditWriter
 from tally.runtime.config import ServiceName, Settings, load_settings
 from tally.runtime.db import Database
 from tally.runtime.interceptor import CallInterceptor
@@ -84,7 +86,22 @@ async def serve(
     registrations = await build(resources)
 
     quiet = frozenset(f"/{r.full_name}/{m}" for r in registrations for m in r.quiet_methods)
-    server = grpc.aio.server(interceptors=[CallInterceptor(settings.admin_master_key, quiet)], options=SERVER_OPTIONS)
+    # After build: a service may have replaced the pool (ingest does).
+    auditor = AuditWriter(
+        resources.db,
+        queue_size=settings.audit_queue_size,
+        batch_size=settings.audit_batch_size,
+        flush_seconds=settings.audit_flush_seconds,
+    )
+    interceptor = CallInterceptor(
+        settings.admin_master_key,
+        quiet,
+        permissions=method_permissions(r.full_name for r in registrations),
+        verifier=ApiKeyVerifier(resources.db, on_use=auditor.key_used),
+        auditor=auditor,
+    )
+    auditor.start()
+    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for registration in registrations:
@@ -114,6 +131,7 @@ async def serve(
     await server.stop(settings.shutdown_grace_seconds)
     for close in reversed(resources.closers):
         await close()
+    await auditor.close()
     await resources.redis.aclose()
     await resources.db.close()
     log.info("stopped")

@@ -1558,9 +1558,13 @@ class AuditLogEntry(_message.Message):
     operation: _builtins.str
     """gRPC method, e.g. "tally.reporting.v1.ReportingService/ExportUsage"."""
     principal: _builtins.str
-    """Caller: the API key id, or "master" for the bootstrap master key; never a secret."""
+    """Caller: the API key id, or "master" for the bootstrap master key, or "anonymous" when the
+    credentials were missing or not accepted; never a secret.
+    """
     role: _builtins.str
-    """Caller's role: "admin", "analyst", "billing" or "operator"."""
+    """Caller's role: "admin", "analyst", "billing", "operator" or "gateway"; empty when the
+    credentials were not accepted.
+    """
     client_ip: _builtins.str
     """Client IP (from Envoy's x-forwarded-for)."""
     correlation_id: _builtins.str
@@ -1729,7 +1733,7 @@ class ApiKey(_message.Message):
     name: _builtins.str
     """Name."""
     role: _builtins.str
-    """"admin", "analyst", "billing" or "operator"."""
+    """"admin", "analyst", "billing", "operator" or "gateway" (the LLM gateway's request path)."""
     key_prefix: _builtins.str
     """First characters of the secret, to recognise it (not enough to use it)."""
     @_builtins.property
@@ -1808,7 +1812,7 @@ class CreateApiKeyRequest(_message.Message):
     name: _builtins.str
     """Name. Required."""
     role: _builtins.str
-    """"admin", "analyst", "billing" or "operator". Required."""
+    """"admin", "analyst", "billing", "operator" or "gateway" (the LLM gateway's request path). Required."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Expiry, RFC 3339 in JSON; absent = never; must be in the future."""

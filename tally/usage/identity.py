@@ -1,0 +1,20 @@
+"""End-user identity: raw end-user ids never reach storage, only this keyed hash does."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+_CACHE_LIMIT = 100_000
+_user_hashes: dict[tuple[bytes, str], str] = {}
+
+
+def hash_end_user(key: bytes, end_user_id: str) -> str:
+    """HMAC-SHA256 of the id with END_USER_HASH_KEY, hex (cached: the same users recur)."""
+    cached = _user_hashes.get((key, end_user_id))
+    if cached is None:
+        cached = hmac.digest(key, end_user_id.encode(), hashlib.sha256).hex()
+        if len(_user_hashes) >= _CACHE_LIMIT:
+            _user_hashes.clear()
+        _user_hashes[(key, end_user_id)] = cached
+    return cached

@@ -1,0 +1,84 @@
+"""The shape of usage data in TimescaleDB, shared by every service that reads or corrects it.
+
+Ingest writes `usage_events` and the rollups; analytics, reporting (data-subject deletes,
+retention) and re-rating read or correct them. The rollups are append-only: every reader sums
+rows, and a correction is an appended delta row. This module is data definition only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS
+
+# Requests with fewer input tokens than this and no tool use are "small input" (candidates for a
+# cheaper model); the rollups keep their counts, tokens and cost apart.
+SMALL_INPUT_TOKENS = 1000
+
+# Column order of the rows below; also the COPY column list.
+COLUMNS: tuple[str, ...] = (
+    "event_time", "request_id", "key_id", "provider", "model", "operation",
+    "input_tokens", "output_tokens", "cached_read_tokens", "cache_write_tokens", "reasoning_tokens",
+    "images", "audio_seconds", "latency_ms", "ttft_ms", "http_status", "error_type", "streaming",
+    "tools_used", "end_user_hash", "prompt_fingerprint", "cost_micros", "cost_source", "price_id", "tags",
+)  # fmt: skip
+COPY_TYPES: tuple[str, ...] = (
+    "timestamptz", "text", "uuid", "text", "text", "text",
+    "int8", "int8", "int8", "int8", "int8",
+    "int4", "numeric", "int4", "int4", "int2", "text", "bool",
+    "bool", "text", "text", "int8", "text", "int8", "jsonb",
+)  # fmt: skip
+
+ROLLUP_SUMS: tuple[str, ...] = (
+    "requests", "successes", "failures", "input_tokens", "output_tokens", "cached_read_tokens",
+    "cache_write_tokens", "reasoning_tokens", "images", "audio_seconds", "cost_micros",
+    "provider_cost_requests", "unpriced_requests", "late_requests", "streaming_requests", "tool_requests",
+    "small_input_requests", "small_input_input_tokens", "small_input_output_tokens", "small_input_cost_micros",
+    "latency_ms_sum", "ttft_ms_sum", "ttft_count", *LATENCY_COLUMNS, *TTFT_COLUMNS,
+)  # fmt: skip
+ROLLUP_GROUP = ("key_id", "provider", "model", "operation", "status_class", "error_type")
+GLOBAL_GROUP = ("provider", "model", "operation", "status_class", "error_type")
+KEY_GROUP = ("key_id",)
+FINGERPRINT_GROUP = ("prompt_fingerprint", "provider", "model")
+FINGERPRINT_SUMS = ("requests", "input_tokens", "cost_micros")
+
+
+@dataclass(frozen=True)
+class RollupTable:
+    name: str
+    width: timedelta
+    group: tuple[str, ...]
+    sums: tuple[str, ...]
+
+    def compact_sql(self) -> str:
+        columns = ", ".join(("bucket", *self.group, *self.sums))
+        sums = ", ".join(f"sum({c})" for c in self.sums)
+        keys = ", ".join(("bucket", *self.group))
+        return f"""
+            WITH old AS (DELETE FROM {self.name} WHERE bucket = %s RETURNING *)
+            INSERT INTO {self.name} ({columns})
+            SELECT {keys}, {sums} FROM old GROUP BY {keys}
+        """  # noqa: S608 (constants)
+
+    def duplicated_buckets_sql(self) -> str:
+        keys = ", ".join(self.group)
+        return f"""
+            SELECT bucket FROM {self.name} WHERE bucket >= %s
+            GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))
+        """  # noqa: S608 (constants)
+
+    def bucket_of(self, at: datetime) -> datetime:
+        if self.width == timedelta(hours=1):
+            return at.replace(minute=0, second=0, microsecond=0)
+        return at.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+HOURLY = RollupTable("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
+DAILY = RollupTable("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
+FINGERPRINTS = RollupTable("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
+HOURLY_GLOBAL = RollupTable("usage_rollup_hourly_global", timedelta(hours=1), GLOBAL_GROUP, ROLLUP_SUMS)
+DAILY_GLOBAL = RollupTable("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
+HOURLY_KEY = RollupTable("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
+DAILY_KEY = RollupTable("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
+TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
