@@ -4,9 +4,10 @@ Loads `BENCH_ANALYTICS_EVENTS` events (default 1,000,000; the issue's figure is 
 traffic over 90 days through the real ingest API (`tally.demo`), then times every analytics
 endpoint over gRPC (warm: 2 untimed calls, then `BENCH_ANALYTICS_RUNS` timed calls, default 20)
 and the equivalent aggregation over the raw `usage_events` hypertable (3 timed runs), checking
-that both give the same headline number. Rollups are append-only and the compactor is not part
-of this tree yet, so the endpoints are timed twice: on the rollups as ingest left them, and after
-an exact merge of every bucket's rows into one per group (what the compactor will do).
+that both give the same headline number. Rollups are append-only and ingest's compactor merges
+them in the background, so the endpoints are timed twice: on the rollups as the load left them,
+and after an exact merge of every bucket's rows into one per group in every rollup (the state
+the compactor converges to).
 
 Run with `make bench` (all benchmarks) or `python -m bench analytics`. Writes bench/results/analytics.json.
 """
@@ -24,6 +25,7 @@ import grpc
 import psycopg
 
 from bench.common import bench_stack, percentile, write_results
+from services.ingest.compaction import TABLES
 from tally.analytics.v1 import analytics_pb2 as pb
 from tally.analytics.v1 import analytics_pb2_grpc
 from tally.demo import load
@@ -31,35 +33,25 @@ from tally.runtime.config import ServiceName
 from tally.usage.histogram import bucket_of
 
 DAYS = 90
-ROLLUP_GROUP = "bucket, key_id, provider, model, operation, status_class, error_type"
 
 
 def _compact(conn: psycopg.Connection[Any]) -> dict[str, list[int]]:
-    """Merges each bucket's rows to one per group (sums are unchanged: an exact rewrite)."""
+    """Merges each bucket's rows to one per group in every rollup (what the ingest compactor does
+    bucket by bucket; the sums are unchanged: an exact rewrite)."""
     counts: dict[str, list[int]] = {}
-    for table in ("usage_rollup_hourly", "usage_rollup_daily"):
-        columns = [
-            r[0]
-            for r in conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = %s ORDER BY ordinal_position",
-                (table,),
-            ).fetchall()
-        ]
-        group = ROLLUP_GROUP.split(", ")
-        sums = [c for c in columns if c not in group]
-        before = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
+    for table in TABLES:
+        keys = ", ".join(("bucket", *table.group))
+        sums = ", ".join(f"sum({c}) AS {c}" for c in table.sums)
+        before = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()  # noqa: S608
         with conn.transaction():
             conn.execute(
-                f"CREATE TEMP TABLE merged ON COMMIT DROP AS SELECT {ROLLUP_GROUP}, "  # noqa: S608
-                + ", ".join(f"sum({c}) AS {c}" for c in sums)
-                + f" FROM {table} GROUP BY {ROLLUP_GROUP}"
+                f"CREATE TEMP TABLE merged ON COMMIT DROP AS SELECT {keys}, {sums} FROM {table.name} GROUP BY {keys}"  # noqa: S608
             )
-            conn.execute(f"DELETE FROM {table}")  # noqa: S608
-            conn.execute(f"INSERT INTO {table} ({ROLLUP_GROUP}, {', '.join(sums)}) SELECT * FROM merged")  # noqa: S608
-        after = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
-        counts[table] = [int(before[0]) if before else 0, int(after[0]) if after else 0]
-    conn.execute("VACUUM ANALYZE usage_rollup_hourly")
-    conn.execute("VACUUM ANALYZE usage_rollup_daily")
+            conn.execute(f"DELETE FROM {table.name}")  # noqa: S608
+            conn.execute(f"INSERT INTO {table.name} ({keys}, {', '.join(table.sums)}) SELECT * FROM merged")  # noqa: S608
+        after = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()  # noqa: S608
+        counts[table.name] = [int(before[0]) if before else 0, int(after[0]) if after else 0]
+        conn.execute(f"VACUUM ANALYZE {table.name}")
     return counts
 
 
@@ -230,6 +222,7 @@ def main() -> None:
                 "SELECT key_id::text FROM usage_rollup_daily GROUP BY 1 ORDER BY sum(requests) DESC LIMIT 3"
             ).fetchall()
             top_keys = [r[0] for r in top]
+            load_before = round(os.getloadavg()[0], 2)
             append_only = _time_endpoints(env["ANALYTICS_ADDRESS"], env["ADMIN_MASTER_KEY"], top_keys, runs)
             compaction = _compact(conn)
             compacted = _time_endpoints(env["ANALYTICS_ADDRESS"], env["ADMIN_MASTER_KEY"], top_keys, runs)
@@ -265,6 +258,12 @@ def main() -> None:
             f"{raw_ms:>10.1f}{speedup:>9.1f}x  {same}"
         )
     figures = {
+        "conditions": {
+            "cpus": os.cpu_count(),
+            "load_average_1m_before_timing": load_before,
+            "load_average_1m_after_timing": round(os.getloadavg()[0], 2),
+            "note": "warm timings over gRPC on a shared machine; other processes may be running",
+        },
         "events": total,
         "accepted": accepted,
         "days": DAYS,

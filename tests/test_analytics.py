@@ -663,3 +663,81 @@ def test_performance_metrics_and_freshness(astack: AnalyticsStack, dataset: Data
     assert freshness["lagSeconds"] >= 0
     hourly_end = datetime.fromisoformat(freshness["lastHourlyRollupTime"].replace("Z", "+00:00"))
     assert hourly_end == _hour(newest) + timedelta(hours=1)
+
+
+# ------------------------------------------------------------------------------------ narrow rollups
+def _week(t: datetime) -> date:
+    day = t.date()
+    return day - timedelta(days=day.weekday())
+
+
+def test_per_key_and_per_dimension_answers_match_the_events(astack: AnalyticsStack, dataset: Dataset) -> None:
+    """The answers that combine the global, per-key and full rollups: active keys per day and week,
+    error types per key and per provider, model preferences' key segments, substitution keys and
+    a key's operations, each against the events."""
+    days = astack.get("/analytics/usage/trends", period="30d", granularity="day")
+    keys_per_day: dict[date, set[str]] = defaultdict(set)
+    for e in dataset.events:
+        keys_per_day[at(e).date()].add(e.virtual_key_id)
+    for point in days["timeline"]:
+        assert point["activeVirtualKeys"] == len(keys_per_day.pop(date.fromisoformat(point["timestamp"][:10]), set()))
+    assert not keys_per_day
+    weeks = astack.get("/analytics/usage/trends", period="30d", granularity="week")
+    keys_per_week: dict[date, set[str]] = defaultdict(set)
+    for e in dataset.events:
+        keys_per_week[_week(at(e))].add(e.virtual_key_id)
+    for point in weeks["timeline"]:
+        assert point["activeVirtualKeys"] == len(keys_per_week.pop(date.fromisoformat(point["timestamp"][:10]), set()))
+    assert not keys_per_week
+
+    events = dataset.current
+    by_key = astack.get("/analytics/performance", period="7d", breakdown="virtual_key")
+    assert set(by_key["groups"]) == {e.virtual_key_id for e in events}
+    for key, stats in by_key["groups"].items():
+        mine = [e for e in events if e.virtual_key_id == key]
+        assert stats["requests"] == len(mine)
+        assert stats["errorRate"] == pytest.approx(sum(map(failed, mine)) / len(mine))
+        assert stats.get("errorsByType", {}) == dict(Counter(e.error_type or "unspecified" for e in mine if failed(e)))
+        _check_percentile(stats["latency"]["p90"], [e.latency_ms for e in mine], 0.9)
+    by_provider = astack.get("/analytics/performance", period="7d", breakdown="provider")
+    for provider, stats in by_provider["groups"].items():
+        mine = [e for e in events if e.provider == provider]
+        assert stats["requests"] == len(mine)
+        assert stats.get("errorsByType", {}) == dict(Counter(e.error_type or "unspecified" for e in mine if failed(e)))
+    assert by_provider["overall"]["errorsByType"] == by_key["overall"]["errorsByType"]
+
+    patterns = astack.get("/analytics/patterns", period="7d", analysis="summary")
+    key_cost: dict[str, int] = defaultdict(int)
+    for e in events:
+        key_cost[e.virtual_key_id] += cost(e)
+    segments = model.segment_keys(dict(key_cost))
+    segment_of = {k: name for name, members in (
+        ("power_users", segments.power), ("medium_users", segments.medium), ("light_users", segments.light)
+    ) for k in members}  # fmt: skip
+    non_empty = set(segment_of.values())
+    for name, preference in patterns["patterns"]["modelPreferences"].items():
+        used_by = {segment_of[e.virtual_key_id] for e in events if e.model == name}
+        assert preference["userSegments"] == (["all"] if used_by == non_empty else sorted(used_by)), name
+
+    optimization = astack.get("/analytics/cost-optimization", period="30d")
+    small = Counter(
+        e.virtual_key_id
+        for e in dataset.events
+        if (e.provider, e.model) == (ALPHA, BIG)
+        and e.operation in ("chat.completions", "completions")
+        and e.input_tokens < 1000
+        and not e.tools_used
+    )
+    substitution = next(r for r in optimization["recommendations"] if r["type"] == "model_substitution")
+    assert substitution["implementation"]["virtualKeys"] == sorted(small, key=lambda k: (-small[k], k))[:10]
+
+    key = dataset.keys[1]
+    data = astack.get(f"/virtual-keys/{key}/analytics", period="30d")
+    mine = [e for e in dataset.events if e.virtual_key_id == key]
+    total = sum(cost(e) for e in mine)
+    operations = data["usageBreakdown"]["byOperation"]
+    assert set(operations) == {e.operation for e in mine}
+    for name, entry in operations.items():
+        of_op = [e for e in mine if e.operation == name]
+        assert entry["requests"] == len(of_op) and micros(entry["cost"]) == sum(cost(e) for e in of_op)
+        assert entry["percentage"] == pytest.approx(sum(cost(e) for e in of_op) / total)

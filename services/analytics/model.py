@@ -22,7 +22,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,13 +184,21 @@ def normal_quantile(p: float) -> float:
     return statistics.NormalDist().inv_cdf(p)
 
 
-def forecast_daily(history: Sequence[float], first_day: date, horizon_days: int, confidence: float) -> Forecast:
-    """Trend plus day-of-week seasonality on daily values (see the module docs)."""
-    n = len(history)
-    target_days = [first_day + timedelta(days=n + i) for i in range(horizon_days)]
-    if n == 0:
-        zeros = [0.0] * horizon_days
-        return Forecast(0.0, 0.0, 0.0, 0.0, zeros, zeros, 0.0, 0.0)
+@dataclass(frozen=True)
+class _Design:
+    """The parts of a forecast fit that depend only on the days, not on the values (shared by
+    every series with the same first day, length and horizon, e.g. the per-key forecasts)."""
+
+    x: list[list[float]]
+    columns: list[list[float]]
+    xtx_inv: list[list[float]]
+    future: list[list[float]]
+    future_quads: list[float]
+    total_quad: float
+
+
+@functools.lru_cache(maxsize=256)
+def _design(n: int, first_day: date, horizon_days: int) -> _Design:
     use_season = n >= 21
     use_trend = n >= 7
 
@@ -202,19 +212,33 @@ def forecast_daily(history: Sequence[float], first_day: date, horizon_days: int,
             row.extend(-1.0 if weekday == 6 else float(weekday == j) for j in range(6))
         return row
 
+    target_days = [first_day + timedelta(days=n + i) for i in range(horizon_days)]
     x = [design(i, first_day + timedelta(days=i)) for i in range(n)]
     xtx_inv = _inverse([[sum(r[i] * r[j] for r in x) for j in range(len(x[0]))] for i in range(len(x[0]))])
-    xty = [sum(r[i] * v for r, v in zip(x, history, strict=True)) for i in range(len(x[0]))]
+    future = [design(n + i, d) for i, d in enumerate(target_days)]
+    total_row = [sum(row[j] for row in future) for j in range(len(x[0]))]
+    columns = [[r[i] for r in x] for i in range(len(x[0]))]
+    return _Design(x, columns, xtx_inv, future, [_quad(xtx_inv, row) for row in future], _quad(xtx_inv, total_row))
+
+
+def forecast_daily(history: Sequence[float], first_day: date, horizon_days: int, confidence: float) -> Forecast:
+    """Trend plus day-of-week seasonality on daily values (see the module docs)."""
+    n = len(history)
+    if n == 0:
+        zeros = [0.0] * horizon_days
+        return Forecast(0.0, 0.0, 0.0, 0.0, zeros, zeros, 0.0, 0.0)
+    design = _design(n, first_day, horizon_days)
+    x, xtx_inv, future = design.x, design.xtx_inv, design.future
+    xty = [_dot(column, history) for column in design.columns]
     beta = _matvec(xtx_inv, xty)
     residuals = [v - _dot(r, beta) for r, v in zip(x, history, strict=True)]
     dof = max(1, n - len(beta))
     sigma2 = sum(r * r for r in residuals) / dof
-    future = [design(n + i, d) for i, d in enumerate(target_days)]
     daily = [max(0.0, _dot(row, beta)) for row in future]
-    daily_sd = [math.sqrt(sigma2 * (1 + _quad(xtx_inv, row))) for row in future]
-    total_row = [sum(row[j] for row in future) for j in range(len(beta))]
-    variance = horizon_days * sigma2 + _quad(xtx_inv, total_row) * sigma2
+    daily_sd = [math.sqrt(sigma2 * (1 + q)) for q in design.future_quads]
+    variance = horizon_days * sigma2 + design.total_quad * sigma2
     sd = math.sqrt(max(variance, 0.0))
+    use_trend = n >= 7
     projected = sum(daily)
     z = normal_quantile(0.5 + confidence / 2)
     slope = beta[1] if use_trend else 0.0
@@ -250,7 +274,7 @@ def trend_direction(slope_per_day: float, mean_daily: float, *, threshold: float
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
-    return sum(x * y for x, y in zip(a, b, strict=True))
+    return float(sum(map(operator.mul, a, b)))  # the products summed in order, as a plain loop would
 
 
 def _matvec(m: Sequence[Sequence[float]], v: Sequence[float]) -> list[float]:

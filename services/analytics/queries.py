@@ -6,13 +6,22 @@ daily rollup for the whole UTC days they contain and from the hourly rollup for 
 either edge (`rollup_source`), so the totals are exact for the hour-aligned window while a
 90-day query reads ~90 daily buckets instead of ~2,160 hourly ones.
 
+Each question reads the narrowest rollup that answers it exactly (`Rollup`): GLOBAL (grouped by
+provider, model, operation, status class and error type; no key) for everything that does not
+name a key, KEY (grouped by key only) for per-key totals and active-key counts, and FULL (every
+dimension) only when a key must be crossed with a model, operation or error type, filtered by
+key where the question allows (both full rollups are indexed on (key_id, bucket)). All three
+are written by ingest from the same rows in one statement, so they give identical sums.
+
 SQL text here is built from constants only; values always travel as bound parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from services.analytics.periods import DAY, Window, ceil_to, floor_to
@@ -28,20 +37,54 @@ MEASURES = f"""sum(requests)::bigint AS requests, sum(successes)::bigint AS succ
     sum(output_tokens)::bigint AS output_tokens, sum({TOTAL_TOKENS_SQL})::bigint AS tokens,
     sum(cost_micros)::bigint AS cost_micros, sum(latency_ms_sum)::bigint AS latency_ms_sum"""
 
+# The rollup columns MEASURES reads.
+MEASURE_COLUMNS = (
+    "requests", "successes", "failures", "input_tokens", "output_tokens", "cached_read_tokens",
+    "cache_write_tokens", "reasoning_tokens", "cost_micros", "latency_ms_sum",
+)  # fmt: skip
+
+SMALL_INPUT_WHERE = "operation IN ('chat.completions', 'completions')"
+SMALL_INPUT_COLUMNS = (
+    "provider", "model", "operation", "small_input_requests", "small_input_input_tokens",
+    "small_input_output_tokens", "small_input_cost_micros",
+)  # fmt: skip
+PRICED_COLUMNS = (
+    "provider", "model", "operation", *MEASURE_COLUMNS, "images", "audio_seconds", "unpriced_requests",
+)  # fmt: skip
+
 DIMENSIONS = {"provider": "provider", "model": "model", "virtual_key": "key_id::text", "operation": "operation"}
 
 
-def rollup_source(window: Window, where: str = "TRUE") -> str:
-    """A FROM item `r` with the rollup rows of exactly `[start, end)` (hour-aligned).
+class Rollup(Enum):
+    """A family of rollups: (hourly table, daily table). Same sum columns in all of them."""
 
-    Uses the parameters `ws`, `we`, `d0`, `d1` (see `source_params`) plus any used by `where`.
+    FULL = ("usage_rollup_hourly", "usage_rollup_daily")  # bucket x key x provider x model x ...
+    GLOBAL = ("usage_rollup_hourly_global", "usage_rollup_daily_global")  # no key
+    KEY = ("usage_rollup_hourly_key", "usage_rollup_daily_key")  # key only
+
+    @property
+    def hourly(self) -> str:
+        return self.value[0]
+
+    @property
+    def daily(self) -> str:
+        return self.value[1]
+
+
+def rollup_source(window: Window, columns: Iterable[str], where: str = "TRUE", rollup: Rollup = Rollup.GLOBAL) -> str:
+    """A FROM item `r` with `columns` of the rollup rows of exactly `[start, end)` (hour-aligned).
+
+    Only the named columns are selected (the rows are wide: ~80 columns), so give every column
+    the outer query and `where` use. Uses the parameters `ws`, `we`, `d0`, `d1` (see
+    `source_params`) plus any used by `where`.
     """
+    names = ", ".join(dict.fromkeys(columns))
     return f"""(
-        SELECT * FROM usage_rollup_daily WHERE bucket >= %(d0)s AND bucket < %(d1)s AND ({where})
+        SELECT {names} FROM {rollup.daily} WHERE bucket >= %(d0)s AND bucket < %(d1)s AND ({where})
         UNION ALL
-        SELECT * FROM usage_rollup_hourly WHERE bucket >= %(ws)s AND bucket < %(d0)s AND ({where})
+        SELECT {names} FROM {rollup.hourly} WHERE bucket >= %(ws)s AND bucket < %(d0)s AND ({where})
         UNION ALL
-        SELECT * FROM usage_rollup_hourly WHERE bucket >= %(d1)s AND bucket < %(we)s AND ({where})
+        SELECT {names} FROM {rollup.hourly} WHERE bucket >= %(d1)s AND bucket < %(we)s AND ({where})
     ) AS r"""  # noqa: S608
 
 
@@ -70,48 +113,92 @@ class Totals:
             return cls()
         return cls(**{name: int(row.get(name) or 0) for name in cls.__dataclass_fields__})
 
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(*(getattr(self, n) + getattr(other, n) for n in Totals.__dataclass_fields__))
+
+    @classmethod
+    def total(cls, rows: Iterable[dict[str, Any]]) -> Totals:
+        """The sum of the measures of `rows`."""
+        out = cls()
+        for row in rows:
+            out += cls.of(row)
+        return out
+
 
 class AnalyticsQueries:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     # ------------------------------------------------------------------ generic
-    async def totals(self, window: Window, where: str = "TRUE", **params: Any) -> Totals:
+    async def totals(
+        self,
+        window: Window,
+        where: str = "TRUE",
+        rollup: Rollup = Rollup.GLOBAL,
+        columns: Sequence[str] = (),
+        **params: Any,
+    ) -> Totals:
+        """The measures over the window; `columns`: those `where` reads."""
         row = await self._db.fetch_one(
-            f"SELECT {MEASURES} FROM {rollup_source(window, where)}",  # noqa: S608
+            f"SELECT {MEASURES} FROM {rollup_source(window, (*MEASURE_COLUMNS, *columns), where, rollup)}",  # noqa: S608
             source_params(window, **params),
         )
         return Totals.of(row)
 
     async def grouped(
-        self, window: Window, group: str, where: str = "TRUE", extra: str = "", **params: Any
+        self,
+        window: Window,
+        group: str,
+        where: str = "TRUE",
+        extra: str = "",
+        rollup: Rollup = Rollup.GLOBAL,
+        columns: Sequence[str] = (),
+        **params: Any,
     ) -> list[dict[str, Any]]:
-        """Measures per `group` (an SQL expression list named g0, g1, ...)."""
+        """Measures per `group` (an SQL expression list named g0, g1, ...); `columns`: the ones
+        `where` and `extra` read besides the group's and the measures'."""
         parts = [p.strip() for p in group.split(",")]
+        needed = (*(p.split("::")[0] for p in parts), *MEASURE_COLUMNS, *columns)
         select = ", ".join(f"{p} AS g{i}" for i, p in enumerate(parts))
         by = ", ".join(str(i + 1) for i in range(len(parts)))
         return await self._db.fetch_all(
-            f"SELECT {select}, {MEASURES}{extra} FROM {rollup_source(window, where)} GROUP BY {by}",  # noqa: S608
+            f"SELECT {select}, {MEASURES}{extra} FROM {rollup_source(window, needed, where, rollup)} GROUP BY {by}",  # noqa: S608
             source_params(window, **params),
         )
 
     async def hourly_series(
-        self, window: Window, where: str = "TRUE", extra: str = "", **params: Any
+        self, window: Window, where: str = "TRUE", rollup: Rollup = Rollup.GLOBAL, **params: Any
     ) -> list[dict[str, Any]]:
         """Measures per hourly bucket (only buckets with rows), oldest first."""
         return await self._db.fetch_all(
-            f"""SELECT bucket, {MEASURES}, count(DISTINCT key_id)::int AS active_keys{extra}
-                FROM usage_rollup_hourly WHERE bucket >= %(ws)s AND bucket < %(we)s AND ({where})
+            f"""SELECT bucket, {MEASURES}
+                FROM {rollup.hourly} WHERE bucket >= %(ws)s AND bucket < %(we)s AND ({where})
                 GROUP BY bucket ORDER BY bucket""",  # noqa: S608
             {"ws": window.start, "we": window.end, **params},
         )
 
+    async def active_keys(self, window: Window, width: str = "1 hour") -> dict[datetime, int]:
+        """Keys with requests per `width` bucket (hour, day or week) of `window` (aligned to `width`).
+
+        Counted from the per-key rollups: a key is active in a bucket when its rows there sum to
+        more than zero requests (the rows are grouped first, so append-only duplicates count once).
+        """
+        table = Rollup.KEY.hourly if width == "1 hour" else Rollup.KEY.daily
+        rows = await self._db.fetch_all(
+            f"""SELECT b AS bucket, count(*)::int AS active_keys FROM (
+                    SELECT time_bucket(%(width)s::interval, bucket) AS b, key_id FROM {table}
+                    WHERE bucket >= %(ws)s AND bucket < %(we)s
+                    GROUP BY 1, 2 HAVING sum(requests) > 0) k
+                GROUP BY 1""",  # noqa: S608
+            {"ws": window.start, "we": window.end, "width": width},
+        )
+        return {r["bucket"]: int(r["active_keys"]) for r in rows}
+
     async def daily_series(self, window: Window, width: str = "1 day") -> list[dict[str, Any]]:
         """Measures per day (or week: `width='1 week'`) from the daily rollup; window day-aligned."""
         return await self._db.fetch_all(
-            f"""SELECT time_bucket(%(width)s::interval, bucket) AS bucket, {MEASURES},
-                       count(DISTINCT key_id)::int AS active_keys
-                FROM usage_rollup_daily WHERE bucket >= %(ws)s AND bucket < %(we)s
+            f"""SELECT time_bucket(%(width)s::interval, bucket) AS bucket, {MEASURES}
+                FROM {Rollup.GLOBAL.daily} WHERE bucket >= %(ws)s AND bucket < %(we)s
                 GROUP BY 1 ORDER BY 1""",  # noqa: S608
             {"ws": window.start, "we": window.end, "width": width},
         )
@@ -133,14 +220,24 @@ class AnalyticsQueries:
 
     async def peak_hour_requests(self, window: Window) -> int:
         row = await self._db.fetch_one(
-            """SELECT coalesce(max(n), 0)::bigint AS peak FROM (
-                   SELECT sum(requests) AS n FROM usage_rollup_hourly
-                   WHERE bucket >= %(ws)s AND bucket < %(we)s GROUP BY bucket) h""",
+            f"""SELECT coalesce(max(n), 0)::bigint AS peak FROM (
+                   SELECT sum(requests) AS n FROM {Rollup.GLOBAL.hourly}
+                   WHERE bucket >= %(ws)s AND bucket < %(we)s GROUP BY bucket) h""",  # noqa: S608
             {"ws": window.start, "we": window.end},
         )
         return int(row["peak"]) if row else 0
 
     # ------------------------------------------------------------------ keys
+    async def key_model_pairs(self, window: Window) -> list[dict[str, Any]]:
+        """The (key, model) pairs with requests in the window (the only key x model question of
+        the patterns: which key segments used each model)."""
+        return await self._db.fetch_all(
+            f"""SELECT key_id::text AS key_id, model
+                FROM {rollup_source(window, ("key_id", "model", "requests"), "TRUE", Rollup.FULL)}
+                GROUP BY key_id, model HAVING sum(requests) > 0""",  # noqa: S608
+            source_params(window),
+        )
+
     async def key_names(self, key_ids: list[str]) -> dict[str, str]:
         if not key_ids:
             return {}
@@ -157,7 +254,7 @@ class AnalyticsQueries:
                       count(*) FILTER (WHERE server_failures = requests)::int AS down_hours
                FROM (SELECT provider, bucket, sum(requests) AS requests,
                             coalesce(sum(failures) FILTER (WHERE status_class = '5xx'), 0) AS server_failures
-                     FROM usage_rollup_hourly WHERE bucket >= %(ws)s AND bucket < %(we)s
+                     FROM usage_rollup_hourly_global WHERE bucket >= %(ws)s AND bucket < %(we)s
                      GROUP BY provider, bucket) h
                WHERE requests > 0 GROUP BY provider""",
             {"ws": window.start, "we": window.end},
@@ -165,27 +262,35 @@ class AnalyticsQueries:
 
     # ------------------------------------------------------------------ cost optimization
     async def small_input_usage(self, window: Window) -> list[dict[str, Any]]:
-        """Requests with < 1,000 input tokens and no tool use, per key, provider and model."""
+        """Requests with < 1,000 input tokens and no tool use, per provider and model (global)."""
         return await self._db.fetch_all(
-            f"""SELECT key_id::text AS key_id, provider, model, sum(small_input_requests)::bigint AS requests,
+            f"""SELECT provider, model, sum(small_input_requests)::bigint AS requests,
                        sum(small_input_input_tokens)::bigint AS input_tokens,
                        sum(small_input_output_tokens)::bigint AS output_tokens,
                        sum(small_input_cost_micros)::bigint AS cost_micros
-                FROM {rollup_source(window, "operation IN ('chat.completions', 'completions')")}
+                FROM {rollup_source(window, SMALL_INPUT_COLUMNS, SMALL_INPUT_WHERE)}
+                GROUP BY 1, 2 HAVING sum(small_input_requests) > 0""",  # noqa: S608
+            source_params(window),
+        )
+
+    async def small_input_keys(self, window: Window) -> list[dict[str, Any]]:
+        """The same requests per key, provider and model (full rollups: only the request counts)."""
+        return await self._db.fetch_all(
+            f"""SELECT key_id::text AS key_id, provider, model, sum(small_input_requests)::bigint AS requests
+                FROM {rollup_source(window, ("key_id", *SMALL_INPUT_COLUMNS[:4]), SMALL_INPUT_WHERE, Rollup.FULL)}
                 GROUP BY 1, 2, 3 HAVING sum(small_input_requests) > 0""",  # noqa: S608
             source_params(window),
         )
 
     async def usage_by_provider_model(self, window: Window) -> list[dict[str, Any]]:
+        """Usage per provider, model and operation: the measures plus every priced quantity."""
         return await self._db.fetch_all(
-            f"""SELECT provider, model, sum(requests)::bigint AS requests,
-                       sum(input_tokens)::bigint AS input_tokens, sum(output_tokens)::bigint AS output_tokens,
+            f"""SELECT provider, model, operation, {MEASURES},
                        sum(cached_read_tokens)::bigint AS cached_read_tokens,
                        sum(cache_write_tokens)::bigint AS cache_write_tokens,
                        sum(reasoning_tokens)::bigint AS reasoning_tokens, sum(images)::bigint AS images,
-                       sum(audio_seconds) AS audio_seconds, sum(cost_micros)::bigint AS cost_micros,
-                       sum(unpriced_requests)::bigint AS unpriced_requests
-                FROM {rollup_source(window)} GROUP BY 1, 2""",  # noqa: S608
+                       sum(audio_seconds) AS audio_seconds, sum(unpriced_requests)::bigint AS unpriced_requests
+                FROM {rollup_source(window, PRICED_COLUMNS)} GROUP BY 1, 2, 3""",  # noqa: S608
             source_params(window),
         )
 
@@ -219,16 +324,17 @@ class AnalyticsQueries:
     async def daily_cost(self, start: datetime, end: datetime, by_key: bool = False) -> list[dict[str, Any]]:
         group = "bucket, key_id::text" if by_key else "bucket"
         select = "bucket, key_id::text AS key_id" if by_key else "bucket"
+        table = Rollup.KEY.daily if by_key else Rollup.GLOBAL.daily
         return await self._db.fetch_all(
             f"""SELECT {select}, sum(cost_micros)::bigint AS cost_micros
-                FROM usage_rollup_daily WHERE bucket >= %s AND bucket < %s GROUP BY {group} ORDER BY bucket""",  # noqa: S608
+                FROM {table} WHERE bucket >= %s AND bucket < %s GROUP BY {group} ORDER BY bucket""",  # noqa: S608
             (start, end),
         )
 
     async def daily_cost_by_model(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
         return await self._db.fetch_all(
-            """SELECT bucket, model, sum(cost_micros)::bigint AS cost_micros
-               FROM usage_rollup_daily WHERE bucket >= %s AND bucket < %s GROUP BY 1, 2""",
+            f"""SELECT bucket, model, sum(cost_micros)::bigint AS cost_micros
+               FROM {Rollup.GLOBAL.daily} WHERE bucket >= %s AND bucket < %s GROUP BY 1, 2""",  # noqa: S608
             (start, end),
         )
 
@@ -236,8 +342,8 @@ class AnalyticsQueries:
     async def freshness(self) -> dict[str, Any]:
         row = await self._db.fetch_one(
             """SELECT (SELECT max(event_time) FROM usage_events) AS raw,
-                      (SELECT max(bucket) + interval '1 hour' FROM usage_rollup_hourly) AS hourly,
-                      (SELECT max(bucket) + interval '1 day' FROM usage_rollup_daily) AS daily"""
+                      (SELECT max(bucket) + interval '1 hour' FROM usage_rollup_hourly_global) AS hourly,
+                      (SELECT max(bucket) + interval '1 day' FROM usage_rollup_daily_global) AS daily"""
         )
         assert row is not None
         return row

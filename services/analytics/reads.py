@@ -33,7 +33,7 @@ from services.analytics.periods import (
     hour_window,
     parse_period,
 )
-from services.analytics.queries import LATENCY_SUMS, TTFT_SUMS, AnalyticsQueries, Totals
+from services.analytics.queries import LATENCY_SUMS, TTFT_SUMS, AnalyticsQueries, Rollup, Totals
 from tally.analytics.v1 import analytics_pb2 as pb
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.runtime.clients import call_metadata
@@ -170,20 +170,32 @@ class AnalyticsReads:
     async def usage_trends(self, period: str, granularity: str, now: datetime | None = None) -> pb.UsageTrends:
         """A timeline of every bucket (zeros where empty) and growth versus the preceding window of
         equal length. `peakRequestsPerHour` is the busiest UTC clock hour inside the window;
-        `averageRequestsPerHour` is requests / the window's hours. Minute buckets come from the
-        raw events (bounded by ANALYTICS_MAX_DATA_POINTS), hours from the hourly rollup, days and
-        weeks from the daily rollup."""
+        `averageRequestsPerHour` is requests / the window's hours; `activeVirtualKeys` counts the
+        keys with at least one request in the bucket. Minute buckets come from the raw events
+        (bounded by ANALYTICS_MAX_DATA_POINTS), hours from the hourly rollups, days and weeks
+        from the daily rollups (measures from the global ones, active keys from the per-key ones)."""
         now = now or datetime.now(UTC)
         period_text, length = self._period(period)
         granularity = choose(granularity, "granularity", tuple(GRANULARITIES), default_granularity(length))
         window, points = bucket_window(length, granularity, now, self._settings.analytics_max_data_points)
         step = GRANULARITIES[granularity]
+        previous_task = self._previous_totals(window, granularity)
+        peak: int | None = None  # minute and hour timelines give it; day and week ask the hourly rollup
         if granularity == "minute":
-            rows = await self._q.minute_series(window)
+            rows, previous = await asyncio.gather(self._q.minute_series(window), previous_task)
+            active = {r["bucket"]: int(r["active_keys"]) for r in rows}
         elif granularity == "hour":
-            rows = await self._q.hourly_series(window)
+            rows, active, previous = await asyncio.gather(
+                self._q.hourly_series(window), self._q.active_keys(window, "1 hour"), previous_task
+            )
         else:
-            rows = await self._q.daily_series(window, "1 week" if granularity == "week" else "1 day")
+            width = "1 week" if granularity == "week" else "1 day"
+            rows, active, previous, peak = await asyncio.gather(
+                self._q.daily_series(window, width),
+                self._q.active_keys(window, width),
+                previous_task,
+                self._q.peak_hour_requests(window),
+            )
         by_bucket = {r["bucket"]: r for r in rows}
         data = pb.UsageTrends(period=period_text, granularity=granularity, total_data_points=points)
         total = Totals()
@@ -192,22 +204,19 @@ class AnalyticsReads:
             start = window.start + index * step
             row = by_bucket.get(start)
             t = Totals.of(row)
-            total = Totals(*(a + b for a, b in zip(_astuple(total), _astuple(t), strict=True)))
+            total += t
             point = data.timeline.add(
                 requests=t.requests,
                 tokens=t.tokens,
                 cost=usd(t.cost_micros),
-                active_virtual_keys=int(row["active_keys"]) if row else 0,
+                active_virtual_keys=active.get(start, 0),
                 error_rate=model.ratio(t.failures, t.requests),
             )
             _stamp(point, "timestamp", start)
             if granularity in ("minute", "hour"):
                 hourly_requests[floor_to(start, HOUR)] += t.requests
-        if granularity in ("minute", "hour"):
+        if peak is None:
             peak = max(hourly_requests.values(), default=0)
-        else:
-            peak = await self._q.peak_hour_requests(window)
-        previous = await self._previous_totals(window, granularity)
         data.metrics.CopyFrom(
             pb.UsageTrendMetrics(
                 total_requests=total.requests,
@@ -252,14 +261,20 @@ class AnalyticsReads:
             raise NotFound(f"virtual key {key} is unknown", metadata={"keyId": key})
         window = hour_window(length, now)
         where = "key_id = %(key)s::uuid"
-        summary_task = self._q.totals(window, where, key=key)
-        models_task = self._q.grouped(window, "model", where, key=key)
-        ops_task = self._q.grouped(window, "operation", where, key=key)
-        hours_task = self._q.hourly_series(window, where, key=key)
-        budget_task = self._key_budget(key)
-        total, by_model, by_op, hours, budget = await asyncio.gather(
-            summary_task, models_task, ops_task, hours_task, budget_task
+        # The key's hourly series (per-key rollup) gives the summary, bands and trends; only the
+        # model and operation breakdowns need the full rollups (read through their key index).
+        hours, model_ops, budget = await asyncio.gather(
+            self._q.hourly_series(window, where, Rollup.KEY, key=key),
+            self._q.grouped(window, "model, operation", where, rollup=Rollup.FULL, columns=("key_id",), key=key),
+            self._key_budget(key),
         )
+        total = Totals.total(hours)
+        by_model: dict[str, Totals] = defaultdict(Totals)
+        by_op: dict[str, Totals] = defaultdict(Totals)
+        for row in model_ops:
+            t = Totals.of(row)
+            by_model[row["g0"]] += t
+            by_op[row["g1"]] += t
         data = pb.VirtualKeyAnalytics(key_id=key, key_name=names[key], period=period_text)
         data.summary.CopyFrom(
             pb.VirtualKeyUsageSummary(
@@ -279,9 +294,8 @@ class AnalyticsReads:
         if budget is not None:
             data.budget_status.CopyFrom(self._budget_status(budget, hours, window, now))
         usage = data.usage_breakdown
-        for row in by_model:
-            t = Totals.of(row)
-            usage.by_model[row["g0"]].CopyFrom(
+        for name, t in by_model.items():
+            usage.by_model[name].CopyFrom(
                 pb.ModelUsage(
                     requests=t.requests,
                     tokens=t.tokens,
@@ -289,9 +303,8 @@ class AnalyticsReads:
                     percentage=model.ratio(t.cost_micros, total.cost_micros),
                 )
             )
-        for row in by_op:
-            t = Totals.of(row)
-            usage.by_operation[row["g0"]].CopyFrom(
+        for name, t in by_op.items():
+            usage.by_operation[name].CopyFrom(
                 pb.OperationUsage(
                     requests=t.requests,
                     cost=usd(t.cost_micros),
@@ -406,7 +419,9 @@ class AnalyticsReads:
         if missing:
             raise NotFound(f"unknown virtual keys: {', '.join(missing)}", metadata={"keyIds": ",".join(missing)})
         window = hour_window(length, now)
-        rows = await self._q.grouped(window, "key_id::text", "key_id = ANY(%(keys)s::uuid[])", keys=keys)
+        rows = await self._q.grouped(
+            window, "key_id::text", "key_id = ANY(%(keys)s::uuid[])", rollup=Rollup.KEY, keys=keys
+        )
         by_key = {r["g0"]: Totals.of(r) for r in rows}
         values: dict[str, dict[str, float]] = {}
         for key in keys:
@@ -446,35 +461,35 @@ class AnalyticsReads:
         period_text, length = self._period(period)
         breakdown = choose(breakdown, "breakdown", ("model", "operation"), "model")
         window = hour_window(length, now)
-        tasks = [
-            self._q.grouped(window, "provider"),
-            self._q.grouped(window, "provider, operation"),
-            self._q.provider_down_hours(window),
-        ]
-        if breakdown == "model":
-            tasks.append(self._q.grouped(window, "provider, model"))
-        results = await asyncio.gather(*tasks)
-        providers, operations, uptime_rows = results[0], results[1], results[2]
-        total_cost = sum(int(r["cost_micros"]) for r in providers)
-        total_requests = sum(int(r["requests"]) for r in providers)
+        rows, uptime_rows = await asyncio.gather(
+            self._q.grouped(window, "provider, model, operation"), self._q.provider_down_hours(window)
+        )
+        providers: dict[str, Totals] = defaultdict(Totals)
+        models: dict[tuple[str, str], Totals] = defaultdict(Totals)
+        operations: dict[tuple[str, str], Totals] = defaultdict(Totals)
+        for row in rows:
+            t = Totals.of(row)
+            providers[row["g0"]] += t
+            models[(row["g0"], row["g1"])] += t
+            operations[(row["g0"], row["g2"])] += t
+        total_cost = sum(t.cost_micros for t in providers.values())
+        total_requests = sum(t.requests for t in providers.values())
         uptime = {r["provider"]: 1 - model.ratio(r["down_hours"], r["hours"]) for r in uptime_rows}
         data = pb.ProviderAnalytics(period=period_text, total_cost=usd(total_cost), total_requests=total_requests)
-        for row in providers:
-            t = Totals.of(row)
-            data.providers[row["g0"]].summary.CopyFrom(
+        for provider, t in providers.items():
+            data.providers[provider].summary.CopyFrom(
                 pb.ProviderSummary(
                     requests=t.requests,
                     cost=usd(t.cost_micros),
                     percentage=model.ratio(t.cost_micros, total_cost),
                     average_latency=seconds(t.latency_ms_sum, t.requests),
                     error_rate=model.ratio(t.failures, t.requests),
-                    uptime=uptime.get(row["g0"], 1.0),
+                    uptime=uptime.get(provider, 1.0),
                 )
             )
         if breakdown == "model":
-            for row in results[3]:
-                t = Totals.of(row)
-                data.providers[row["g0"]].models[row["g1"]].CopyFrom(
+            for (provider, model_name), t in models.items():
+                data.providers[provider].models[model_name].CopyFrom(
                     pb.ProviderModelStats(
                         requests=t.requests,
                         cost=usd(t.cost_micros),
@@ -485,9 +500,8 @@ class AnalyticsReads:
                         cost_per_token=usd(model.ratio(t.cost_micros, t.input_tokens + t.output_tokens)),
                     )
                 )
-        for row in operations:
-            t = Totals.of(row)
-            data.providers[row["g0"]].operations[row["g1"]].CopyFrom(
+        for (provider, operation), t in operations.items():
+            data.providers[provider].operations[operation].CopyFrom(
                 pb.ProviderOperationStats(requests=t.requests, cost=usd(t.cost_micros))
             )
         return data
@@ -502,17 +516,30 @@ class AnalyticsReads:
         period_text, length = self._period(period)
         breakdown = choose(breakdown, "breakdown", ("provider", "model", "virtual_key", "operation"), "provider")
         window = hour_window(length, now)
-        dimension = {"provider": "provider", "model": "model", "virtual_key": "key_id::text", "operation": "operation"}[
-            breakdown
-        ]
         extra = f", {LATENCY_SUMS}, {TTFT_SUMS}"
-        groups, errors = await asyncio.gather(
-            self._q.grouped(window, dimension, extra=extra),
-            self._q.grouped(window, f"{dimension}, error_type", "failures > 0"),
-        )
+        histograms = (*LATENCY_COLUMNS, *TTFT_COLUMNS)
         errors_by_group: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for row in errors:
-            errors_by_group[row["g0"]][row["g1"] or "unspecified"] += int(row["failures"])
+        groups: list[dict[str, Any]]
+        if breakdown == "virtual_key":
+            # histograms per key from the per-key rollup; error types per key need the full one
+            groups, errors = await asyncio.gather(
+                self._q.grouped(window, "key_id::text", extra=extra, rollup=Rollup.KEY, columns=histograms),
+                self._q.grouped(window, "key_id::text, error_type", "failures > 0", rollup=Rollup.FULL),
+            )
+            for row in errors:
+                errors_by_group[row["g0"]][row["g1"] or "unspecified"] += int(row["failures"])
+        else:
+            # one pass over the global rollup by (dimension, error type), summed here per dimension
+            rows = await self._q.grouped(window, f"{breakdown}, error_type", extra=extra, columns=histograms)
+            merged: dict[str, dict[str, int]] = {}
+            sums = (*Totals.__dataclass_fields__, *LATENCY_COLUMNS, *TTFT_COLUMNS)
+            for row in rows:
+                into = merged.setdefault(row["g0"], dict.fromkeys(sums, 0))
+                for name in sums:
+                    into[name] += int(row[name] or 0)
+                if int(row["failures"] or 0) > 0:
+                    errors_by_group[row["g0"]][row["g1"] or "unspecified"] += int(row["failures"])
+            groups = [{"g0": name, **values} for name, values in merged.items()]
         data = pb.PerformanceAnalytics(period=period_text, breakdown=breakdown)
         overall_lat = [0] * len(LATENCY_COLUMNS)
         overall_ttft = [0] * len(TTFT_COLUMNS)
@@ -525,7 +552,7 @@ class AnalyticsReads:
             ttft = [int(row[c] or 0) for c in TTFT_COLUMNS]
             overall_lat = [a + b for a, b in zip(overall_lat, lat, strict=True)]
             overall_ttft = [a + b for a, b in zip(overall_ttft, ttft, strict=True)]
-            overall = Totals(*(a + b for a, b in zip(_astuple(overall), _astuple(t), strict=True)))
+            overall += t
             stats = self._stats(t, lat, ttft, errors_by_group.get(row["g0"], {}), span)
             data.groups[row["g0"]].CopyFrom(stats)
             for name, count in errors_by_group.get(row["g0"], {}).items():
@@ -563,9 +590,10 @@ class AnalyticsReads:
         analysis = choose(analysis, "analysis", ("summary", "detailed"), "summary")
         window = hour_window(length, now)
         middle = window.start + timedelta(hours=math.floor(window.hours / 2))
-        hourly_rows, key_models, first_half, second_half = await asyncio.gather(
+        hourly_rows, key_rows, key_models, first_half, second_half = await asyncio.gather(
             self._q.hourly_series(window),
-            self._q.grouped(window, "key_id::text, model"),
+            self._q.grouped(window, "key_id::text", rollup=Rollup.KEY),
+            self._q.key_model_pairs(window),
             self._q.grouped(Window(window.start, middle), "model"),
             self._q.grouped(Window(middle, window.end), "model"),
         )
@@ -608,11 +636,10 @@ class AnalyticsReads:
             pb.Seasonality(detected=season.detected, pattern=season.pattern, strength=season.strength)
         )
         # key segments
-        key_costs: dict[str, int] = defaultdict(int)
-        key_model_requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        key_costs = {row["g0"]: int(row["cost_micros"]) for row in key_rows}
+        keys_of_model: dict[str, list[str]] = defaultdict(list)
         for row in key_models:
-            key_costs[row["g0"]] += int(row["cost_micros"])
-            key_model_requests[row["g1"]][row["g0"]] += int(row["requests"])
+            keys_of_model[row["model"]].append(row["key_id"])
         segments = model.segment_keys(dict(key_costs))
         total_cost = sum(key_costs.values())
         active = len(key_costs)
@@ -633,20 +660,20 @@ class AnalyticsReads:
             segment_of.update({k: name for k in members})
         non_empty = {segment_of[k] for k in key_costs}
         # model preferences
-        total_requests = sum(sum(v.values()) for v in key_model_requests.values())
         first = {r["g0"]: int(r["requests"]) for r in first_half}
         second = {r["g0"]: int(r["requests"]) for r in second_half}
         first_total, second_total = sum(first.values()), sum(second.values())
-        for model_name, per_key in key_model_requests.items():
+        total_requests = first_total + second_total
+        for model_name in sorted(set(first) | set(second)):
             share_first = model.ratio(first.get(model_name, 0), first_total)
             share_second = model.ratio(second.get(model_name, 0), second_total)
             change = model.growth(share_second, share_first) if share_first else (1.0 if share_second else 0.0)
             trend = "increasing" if change > 0.1 else "decreasing" if change < -0.1 else "stable"
-            used_by = {segment_of[k] for k, n in per_key.items() if n > 0}
+            used_by = {segment_of[k] for k in keys_of_model.get(model_name, ())}
             segments_list = ["all"] if used_by == non_empty else sorted(used_by)
             data.patterns.model_preferences[model_name].CopyFrom(
                 pb.ModelPreference(
-                    usage=model.ratio(sum(per_key.values()), total_requests),
+                    usage=model.ratio(first.get(model_name, 0) + second.get(model_name, 0), total_requests),
                     growth_trend=trend,
                     user_segments=segments_list,
                 )
@@ -731,8 +758,9 @@ class AnalyticsReads:
         """Recommendations from the window's usage and the prices in force now:
 
         - model_substitution: chat/completions requests with < 1,000 input tokens and no tool use
-          (the rollups' small_input_* sums) to a model for which the same provider prices a model
-          with both a lower input and a lower output price (the dearest such model is proposed);
+          (the rollups' small_input_* sums; the 10 keys sending most of them are listed) to a
+          model for which the same provider prices a model with both a lower input and a lower
+          output price (the dearest such model is proposed);
           savings = their cost - their input and output tokens (plus per-request price) at the
           cheaper model's price. confidence = 0.5 + 0.35 x min(1, affected / 1,000).
         - provider_routing: all traffic of a model that another provider prices lower for the same
@@ -749,22 +777,33 @@ class AnalyticsReads:
         _, length = self._period(period)
         window = hour_window(length, now)
         day_start = floor_to(window.start, DAY)
-        total, small, usage, prices, repeats = await asyncio.gather(
-            self._q.totals(window),
+        small, small_keys, usage_rows, before_rows, prices, repeats = await asyncio.gather(
             self._q.small_input_usage(window),
+            self._q.small_input_keys(window),
             self._q.usage_by_provider_model(window),
+            self._q.grouped(window.previous(), "model, operation"),
             self._q.current_prices(now),
             self._q.repeated_prompts(day_start, window.end),
         )
-        models_now, models_before, ops_now, ops_before = await asyncio.gather(
-            self._q.grouped(window, "model"),
-            self._q.grouped(window.previous(), "model"),
-            self._q.grouped(window, "operation"),
-            self._q.grouped(window.previous(), "operation"),
-        )
+        # `usage_rows` are per (provider, model, operation): the totals, the per provider and model
+        # usage of the routing analysis and the per model / operation cost trends all sum them.
+        total = Totals.total(usage_rows)
+        usage_sums: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in usage_rows:
+            entry = usage_sums.setdefault((row["provider"], row["model"]), {})
+            for name, value in row.items():
+                if name in ("provider", "model", "operation"):
+                    entry[name] = value
+                else:
+                    entry[name] = entry.get(name, 0) + (value or 0)
+        usage = list(usage_sums.values())
+        models_now = _cost_by(usage_rows, "model")
+        ops_now = _cost_by(usage_rows, "operation")
+        models_before = _cost_by(before_rows, "g0")
+        ops_before = _cost_by(before_rows, "g1")
         price_of = {(r["provider"], r["model"]): r for r in prices}
         recommendations: list[pb.CostRecommendation] = []
-        recommendations += self._substitutions(small, price_of)
+        recommendations += self._substitutions(small, small_keys, price_of)
         recommendations += self._routings(usage, price_of)
         if repeats["repeats"] > 0 and repeats["repeat_cost"] > 0:
             recommendations.append(
@@ -790,9 +829,7 @@ class AnalyticsReads:
         trends = data.cost_trends
         increasing: list[pb.IncreasingCost] = []
         decreasing: list[pb.DecreasingCost] = []
-        for rows_now, rows_before, suffix in ((models_now, models_before, "_usage"), (ops_now, ops_before, "")):
-            before = {r["g0"]: int(r["cost_micros"]) for r in rows_before}
-            current = {r["g0"]: int(r["cost_micros"]) for r in rows_now}
+        for current, before, suffix in ((models_now, models_before, "_usage"), (ops_now, ops_before, "")):
             for name in sorted(set(before) | set(current)):
                 cost, previous = current.get(name, 0), before.get(name, 0)
                 if previous == 0:
@@ -818,19 +855,23 @@ class AnalyticsReads:
 
     @staticmethod
     def _substitutions(
-        small: Iterable[dict[str, Any]], price_of: dict[tuple[str, str], dict[str, Any]]
+        small: Iterable[dict[str, Any]],
+        small_keys: Iterable[dict[str, Any]],
+        price_of: dict[tuple[str, str], dict[str, Any]],
     ) -> list[pb.CostRecommendation]:
         per_model: dict[tuple[str, str], dict[str, Any]] = {}
         for row in small:
-            entry = per_model.setdefault(
-                (row["provider"], row["model"]),
-                {"requests": 0, "input": 0, "output": 0, "cost": 0, "keys": defaultdict(int)},
-            )
-            entry["requests"] += int(row["requests"])
-            entry["input"] += int(row["input_tokens"])
-            entry["output"] += int(row["output_tokens"])
-            entry["cost"] += int(row["cost_micros"])
-            entry["keys"][row["key_id"]] += int(row["requests"])
+            per_model[(row["provider"], row["model"])] = {
+                "requests": int(row["requests"]),
+                "input": int(row["input_tokens"]),
+                "output": int(row["output_tokens"]),
+                "cost": int(row["cost_micros"]),
+                "keys": defaultdict(int),
+            }
+        for row in small_keys:
+            entry = per_model.get((row["provider"], row["model"]))
+            if entry is not None:
+                entry["keys"][row["key_id"]] += int(row["requests"])
         out = []
         for (provider, model_name), entry in sorted(per_model.items()):
             current = price_of.get((provider, model_name))
@@ -1087,5 +1128,9 @@ class AnalyticsReads:
         return data
 
 
-def _astuple(t: Totals) -> tuple[int, ...]:
-    return tuple(getattr(t, name) for name in Totals.__dataclass_fields__)
+def _cost_by(rows: Iterable[dict[str, Any]], column: str) -> dict[str, int]:
+    """Cost (micro-units) per value of `column`."""
+    out: dict[str, int] = defaultdict(int)
+    for row in rows:
+        out[row[column]] += int(row["cost_micros"])
+    return dict(out)
