@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -428,6 +429,45 @@ def test_settle_below_and_above_the_estimate(budget_stack: BudgetStack) -> None:
     assert budget["currentSpend"] == 2.6
     assert budget["reserved"] == 0
     assert budget["remainingBudget"] == 7.4
+
+
+def test_large_settle_batch_takes_few_round_trips_and_keeps_every_semantic(budget_stack: BudgetStack) -> None:
+    """811 items (several script chunks in one pipeline): reservations given back, overspend
+    reported, key-less items resolved from their reservation, duplicates settled once, the period
+    taken from the event time, and the threshold crossed by the batch fired once."""
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    reserved = [f"big-{key_id}-{n}" for n in range(100)]
+    for request_id in reserved:
+        assert authorize(stub, budget_stack, key_id, 200_000, request_id).allowed
+    items = [settle_request(key_id, 100_000 if n < 50 else 300_000, rid) for n, rid in enumerate(reserved)]
+    for item in items[:5]:
+        item.key_id = ""  # the key comes from the reservation
+    items += [settle_request(key_id, 50_000) for _ in range(700)]
+    last_month = period_at(PeriodKind.MONTHLY, ZoneInfo("UTC"), datetime.now(UTC)).start - timedelta(days=3)
+    items.append(settle_request(key_id, 5 * USD, at=last_month))
+    items += [settle_request(key_id, 50_000, items[n].request_id) for n in range(0, 800, 80)]  # 10 repeats
+    reader = StreamReader(budget_stack, last_event_id(budget_stack))
+    with budget_stack.redis_client() as client:
+        before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        batch = stub.SettleBatch(budget_pb2.SettleBatchRequest(items=items), timeout=30, metadata=budget_stack.auth())
+        after = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    try:
+        assert (batch.settled, batch.already_settled) == (801, 10)
+        assert batch.overspend_micros == 50 * 100_000 + 700 * 50_000 + 5 * USD  # no reservation: all of it
+        assert after - before <= 20  # a handful of chunked script runs, not one per item
+        with budget_stack.http() as client:
+            budget = client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+        assert budget["currentSpend"] == 55.0  # 5 + 15 + 35; last month's $5 is not in this period
+        assert budget["reserved"] == 0
+        wait_until(lambda: reader.of(key_id))
+        time.sleep(0.5)
+    finally:
+        reader.close()
+    crossed = [e for e in reader.of(key_id) if e.type == budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED]
+    assert [e.threshold for e in crossed] == [0.5]
+    again = stub.SettleBatch(budget_pb2.SettleBatchRequest(items=items), timeout=30, metadata=budget_stack.auth())
+    assert (again.settled, again.already_settled, again.overspend_micros) == (0, 811, 0)
 
 
 def test_retried_authorize_reserves_once_and_release_gives_back(budget_stack: BudgetStack) -> None:

@@ -8,7 +8,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -92,19 +92,52 @@ def _budget_message(view: ScopeView) -> budget_pb2.Budget:
     return message
 
 
+_STAMPS: dict[datetime, timestamp_pb2.Timestamp] = {}
+_DECISIONS: dict[str, Any] = {}
+_KEY_IDS: dict[str, str] = {}  # key id as sent -> canonical UUID text (request-path cache)
+_MAX_CACHED = 100_000
+
+
+def _stamp(at: datetime) -> timestamp_pb2.Timestamp:
+    """Period starts as Timestamps, built once per period."""
+    stamp = _STAMPS.get(at)
+    if stamp is None:
+        if len(_STAMPS) > 1000:
+            _STAMPS.clear()
+        stamp = _STAMPS[at] = _timestamp(at)
+    return stamp
+
+
+def _decided(outcome: str) -> None:
+    counter = _DECISIONS.get(outcome)
+    if counter is None:
+        counter = _DECISIONS[outcome] = metrics.DECISIONS.labels(outcome)
+    counter.inc()
+
+
+def _key_id(value: str) -> str:
+    """The canonical text of a request's key id (`require_uuid`, cached for the request path)."""
+    known = _KEY_IDS.get(value)
+    if known is None:
+        known = str(require_uuid(value, "keyId"))
+        if len(_KEY_IDS) > _MAX_CACHED:
+            _KEY_IDS.clear()
+        _KEY_IDS[value] = known
+    return known
+
+
 def _remaining(
-    scope: str, call: ScopeCall, limit: int, committed: int, engine: BudgetEngine
+    scope: str, call: ScopeCall, limit: int, committed: int, engine: BudgetEngine, now: datetime | None = None
 ) -> budget_pb2.ScopeRemaining:
     unlimited = limit < 0
-    message = budget_pb2.ScopeRemaining(
+    return budget_pb2.ScopeRemaining(
         scope=scope,
         limit_micros=0 if unlimited else limit,
         committed_micros=committed,
         remaining_micros=0 if unlimited else limit - committed,
         unlimited=unlimited,
+        period_start=_stamp(engine.period(call.config, now or datetime.now(UTC)).start),
     )
-    message.period_start.FromDatetime(engine.period(call.config, datetime.now(UTC)).start)
-    return message
 
 
 def _validate_budget(max_budget: float, period: str, timezone: str) -> tuple[int, str, str]:
@@ -140,25 +173,27 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def Authorize(
         self, request: budget_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> budget_pb2.AuthorizeResponse:
-        violations = Violations()
-        key_id = str(require_uuid(request.key_id, "keyId"))
-        _request_id(request.request_id, "requestId", violations)
-        if request.estimated_cost_micros < 0:
-            violations.add("estimatedCostMicros", "must not be negative")
-        violations.raise_if_any()
+        key_id = _key_id(request.key_id)
+        request_id = request.request_id
+        estimate = request.estimated_cost_micros
+        if not request_id or len(request_id) > MAX_REQUEST_ID or estimate < 0:
+            violations = Violations()
+            _request_id(request_id, "requestId", violations)
+            if estimate < 0:
+                violations.add("estimatedCostMicros", "must not be negative")
+            violations.raise_if_any()
         try:
-            result, key_call, global_call = await self._engine.authorize(
-                key_id, request.request_id, request.estimated_cost_micros
-            )
+            result, key_call, global_call = await self._engine.authorize(key_id, request_id, estimate)
         except StoreUnavailable as exc:
-            return self._failure_policy(key_id, request.request_id, exc)
-        remaining = [
-            _remaining(key_scope(key_id), key_call, result.key_limit, result.key_committed, self._engine),
-            _remaining(GLOBAL_SCOPE, global_call, result.global_limit, result.global_committed, self._engine),
-        ]
+            return self._failure_policy(key_id, request_id, exc)
         if result.reason:
             raise self._denial(key_id, result)
-        metrics.DECISIONS.labels("replayed" if result.replayed else "allowed").inc()
+        now = datetime.now(UTC)
+        remaining = [
+            _remaining(key_scope(key_id), key_call, result.key_limit, result.key_committed, self._engine, now),
+            _remaining(GLOBAL_SCOPE, global_call, result.global_limit, result.global_committed, self._engine, now),
+        ]
+        _decided("replayed" if result.replayed else "allowed")
         response = budget_pb2.AuthorizeResponse(allowed=True, remaining=remaining, replayed=result.replayed)
         if result.expires_ms:
             response.expires_at.FromMilliseconds(result.expires_ms)
@@ -172,7 +207,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             if result.reason == 3
             else (result.key_limit, result.key_committed)
         )
-        metrics.DECISIONS.labels(budget_pb2.DenialReason.Name(reason).removeprefix("DENIAL_REASON_").lower()).inc()
+        _decided(budget_pb2.DenialReason.Name(reason).removeprefix("DENIAL_REASON_").lower())
         if result.reason == 1:
             description = "virtual key is disabled"
         else:
@@ -217,10 +252,12 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             _request_id(request.request_id, f"{path}requestId", violations)
             key_id = ""
             if request.key_id:
-                try:
-                    key_id = str(uuid.UUID(request.key_id))
-                except ValueError:
-                    violations.add(f"{path}keyId", f"must be a UUID, got {request.key_id[:64]!r}")
+                key_id = _KEY_IDS.get(request.key_id, "")
+                if not key_id:
+                    try:
+                        key_id = str(uuid.UUID(request.key_id))
+                    except ValueError:
+                        violations.add(f"{path}keyId", f"must be a UUID, got {request.key_id[:64]!r}")
             if request.actual_cost_micros < 0:
                 violations.add(f"{path}actualCostMicros", "must not be negative")
             event_time = request.event_time.ToDatetime(UTC) if request.HasField("event_time") else None
@@ -245,12 +282,14 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         (outcome,) = await self._settle([item], "settle")
         key_call, key_limit, key_spent, key_reserved = outcome.key
         global_call, global_limit, global_spent, global_reserved = outcome.global_
+        now = datetime.now(UTC)
+        key_committed, global_committed = key_spent + key_reserved, global_spent + global_reserved
         return budget_pb2.SettleResponse(
             already_settled=outcome.already_settled,
             overspend_micros=outcome.overspend,
             remaining=[
-                _remaining(key_scope(item.key_id or "?"), key_call, key_limit, key_spent + key_reserved, self._engine),
-                _remaining(GLOBAL_SCOPE, global_call, global_limit, global_spent + global_reserved, self._engine),
+                _remaining(key_scope(item.key_id or "?"), key_call, key_limit, key_committed, self._engine, now),
+                _remaining(GLOBAL_SCOPE, global_call, global_limit, global_committed, self._engine, now),
             ],
         )
 

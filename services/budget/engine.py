@@ -17,16 +17,20 @@ from zoneinfo import ZoneInfo
 import redis.exceptions
 
 from services.budget import metrics
+from services.budget.batching import Coalescer
 from services.budget.evaluator import Evaluator, ScopeSpend
 from services.budget.periods import Period, PeriodKind, period_at, zone_named
 from services.budget.repository import BudgetRepository, BudgetRow
 from services.budget.store import (
     GLOBAL_SCOPE,
+    AuthorizeEntry,
     AuthorizeResult,
     BudgetStore,
     Outcome,
     ScopeCall,
     ScopeConfig,
+    SettleEntry,
+    SettleResult,
     counter_key,
     key_scope,
     provider_key,
@@ -43,6 +47,12 @@ DEFAULT_PERIOD = PeriodKind.MONTHLY
 _DEADLINE_MARGIN = 0.02
 _MAX_CONFIG_CACHE = 200_000
 _RECONCILE_CHUNK = 200
+# Most concurrent authorizations decided by one script run.
+AUTHORIZE_BATCH = 256
+# Most settlements per script run: a script blocks every other Redis client while it runs
+# (10-20 us per settlement measured on the 2-core machine), so a large SettleBatch runs as
+# chunks of this size (1-2 ms each), all sent in one pipeline: one round trip.
+SETTLE_CHUNK = 100
 
 
 class StoreUnavailable(Exception):
@@ -50,6 +60,15 @@ class StoreUnavailable(Exception):
 
 
 _REDIS_FAILURES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError, OSError)
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """What each caller of a failed batch sees."""
+    if isinstance(exc, _REDIS_FAILURES):
+        return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncio.CancelledError):
+        return StoreUnavailable("the batch was cancelled (shutting down)")
+    return exc
 
 
 @dataclass(frozen=True)
@@ -97,12 +116,26 @@ class BudgetEngine:
         self._configs: dict[str, ScopeConfig] = {}
         self._zones: dict[str, ZoneInfo] = {}
         self._periods: dict[tuple[str, str], Period] = {}
+        # scope -> (config, period, call): the counter key and expiry change only with the period.
+        self._calls: dict[str, tuple[ScopeConfig, Period, ScopeCall]] = {}
         self._redis_timeout = settings.budget_redis_timeout_ms / 1000
         self._ttl_ms = int(settings.budget_reservation_ttl_seconds * 1000)
         self._settled_ttl_ms = settings.budget_settled_ttl_seconds * 1000
         self._retention = settings.budget_counter_retention_seconds
         self._reconcile_lock = asyncio.Lock()
         self._reconcile_task: asyncio.Task[tuple[int, int]] | None = None
+        self._authorizer: Coalescer[AuthorizeEntry, AuthorizeResult] = Coalescer(
+            self._authorize_batch,
+            max_batch=AUTHORIZE_BATCH,
+            failure=_unavailable,
+            observe=metrics.BATCH_ITEMS.labels("authorize").observe,
+        )
+        self._settler: Coalescer[SettleEntry, SettleResult] = Coalescer(
+            self._settle_batch,
+            max_batch=1_000_000,
+            failure=_unavailable,
+            observe=metrics.BATCH_ITEMS.labels("settle").observe,
+        )
 
     # ------------------------------------------------------------------ periods and keys
     def zone(self, name: str) -> ZoneInfo:
@@ -120,9 +153,18 @@ class BudgetEngine:
         return period
 
     def call(self, scope: str, config: ScopeConfig, at: datetime) -> ScopeCall:
+        hit = self._calls.get(scope)
+        if hit is not None:
+            known, period, call = hit
+            if (known is config or known == config) and period.start <= at and (period.end is None or at < period.end):
+                return call
         period = self.period(config, at)
         expire_at = 0 if period.end is None else int(period.end.timestamp()) + self._retention
-        return ScopeCall(config, counter_key(scope, period, config.tz), expire_at)
+        call = ScopeCall(config, counter_key(scope, period, config.tz), expire_at)
+        if len(self._calls) > _MAX_CONFIG_CACHE:
+            self._calls.clear()
+        self._calls[scope] = (config, period, call)
+        return call
 
     def config_of(self, row: BudgetRow | None) -> ScopeConfig:
         if row is None:
@@ -138,11 +180,11 @@ class BudgetEngine:
         self._configs[scope] = config
 
     # ------------------------------------------------------------------ deadline-bound Redis calls
-    def _timeout(self) -> float:
+    def _timeout(self, chunks: int = 1) -> float:
         remaining = context.seconds_remaining()
         if remaining is None:
-            return self._redis_timeout
-        return min(self._redis_timeout, remaining - _DEADLINE_MARGIN)
+            return self._redis_timeout * chunks
+        return min(self._redis_timeout * chunks, remaining - _DEADLINE_MARGIN)
 
     async def _bounded(self, call: Awaitable[T]) -> T:
         timeout = self._timeout()
@@ -157,25 +199,40 @@ class BudgetEngine:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------------ request path
+    def _deadline(self, chunks: int = 1) -> float:
+        """The loop-clock time by which this call's Redis work must be answered."""
+        timeout = self._timeout(chunks)
+        if timeout <= 0:
+            raise StoreUnavailable("no time left before the caller's deadline")
+        return asyncio.get_running_loop().time() + timeout
+
+    async def _authorize_batch(self, entries: Sequence[AuthorizeEntry]) -> list[AuthorizeResult]:
+        return await self.store.authorize_many(
+            entries, ttl_ms=self._ttl_ms, record_ttl_ms=self._ttl_ms + self._settled_ttl_ms
+        )
+
+    async def _settle_batch(self, entries: Sequence[SettleEntry]) -> list[SettleResult]:
+        return await self.store.settle_many(entries, settled_ttl_ms=self._settled_ttl_ms, chunk=SETTLE_CHUNK)
+
     async def authorize(
         self, key_id: str, request_id: str, estimate: int
     ) -> tuple[AuthorizeResult, ScopeCall, ScopeCall]:
+        """Reserves `estimate` in the key's and the global scope, atomically; concurrent calls
+        share one script run (see `batching`), each still decided on its own."""
         scope = key_scope(key_id)
         now = datetime.now(UTC)
         for _ in range(4):
             key_call = self.call(scope, self._cached(scope), now)
             global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), now)
-            result = await self._bounded(
-                self.store.authorize(
-                    request_id=request_id,
-                    key_id=key_id,
-                    estimate=estimate,
-                    key=key_call,
-                    global_=global_call,
-                    ttl_ms=self._ttl_ms,
-                    record_ttl_ms=self._ttl_ms + self._settled_ttl_ms,
-                )
+            deadline = self._deadline()
+            (future,) = self._authorizer.submit(
+                [AuthorizeEntry(request_id, key_id, estimate, key_call, global_call)], deadline
             )
+            try:
+                async with asyncio.timeout_at(deadline):
+                    result = await future
+            except TimeoutError as exc:
+                raise StoreUnavailable("redis did not answer before the deadline") from exc
             if result.outcome is Outcome.NOT_LOADED:
                 await self.ensure_loaded()
                 continue
@@ -187,7 +244,10 @@ class BudgetEngine:
         raise Unavailable("the budget configuration kept changing during the call; retry")
 
     async def settle(self, items: Sequence[SettleItem]) -> list[SettleOutcome]:
-        outcomes = [await self._settle_one(item) for item in items]
+        """Settles every item (idempotent per request id) with a constant number of Redis round
+        trips, then evaluates the thresholds of the scopes whose settled spend moved."""
+        items = await self._with_key_ids(items)
+        outcomes = await self._settle_items(items)
         spends: dict[tuple[str, str], ScopeSpend] = {}
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome.already_settled:
@@ -216,54 +276,92 @@ class BudgetEngine:
                 log.exception("threshold evaluation failed", extra={"scope": spend.scope})
         return outcomes
 
-    async def _settle_one(self, item: SettleItem) -> SettleOutcome:
-        at = item.event_time or datetime.now(UTC)
-        key_id = item.key_id
-        if not key_id:
-            found = await self._bounded(self.store.reservation_key_id(item.request_id))
-            if found is None:
+    async def _with_key_ids(self, items: Sequence[SettleItem]) -> Sequence[SettleItem]:
+        """Fills in the key id of items that name none from their reservations (one round trip)."""
+        missing = [index for index, item in enumerate(items) if not item.key_id]
+        if not missing:
+            return items
+        found = await self._bounded(self.store.reservation_key_ids([items[i].request_id for i in missing]))
+        filled = list(items)
+        for index, key_id in zip(missing, found, strict=True):
+            if key_id is None:
                 from tally.runtime.errors import InvalidArgument
 
-                raise InvalidArgument.field("keyId", "required when the request id has no reservation")
-            key_id = found
-            item = SettleItem(item.request_id, key_id, item.actual, item.event_time, item.provider)
-        scope = key_scope(key_id)
+                field = "keyId" if len(items) == 1 else f"items[{index}].keyId"
+                raise InvalidArgument.field(field, "required when the request id has no reservation")
+            item = items[index]
+            filled[index] = SettleItem(item.request_id, key_id, item.actual, item.event_time, item.provider)
+        return filled
+
+    async def _settle_items(self, items: Sequence[SettleItem]) -> list[SettleOutcome]:
+        outcomes: list[SettleOutcome | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        now = datetime.now(UTC)
         for _ in range(4):
-            key_call = self.call(scope, self._cached(scope), at)
-            global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), at)
-            global_period = self.period(global_call.config, at)
-            result = await self._bounded(
-                self.store.settle(
-                    request_id=item.request_id,
-                    key_id=key_id,
-                    actual=item.actual,
-                    key=key_call,
-                    global_=global_call,
-                    provider_hash=provider_key(global_period, global_call.config.tz),
-                    provider=item.provider or "unknown",
-                    settled_ttl_ms=self._settled_ttl_ms,
+            calls: list[tuple[ScopeCall, ScopeCall]] = []
+            entries: list[SettleEntry] = []
+            for index in todo:
+                item = items[index]
+                at = item.event_time or now
+                scope = key_scope(item.key_id)
+                key_call = self.call(scope, self._cached(scope), at)
+                global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), at)
+                global_period = self.period(global_call.config, at)
+                calls.append((key_call, global_call))
+                entries.append(
+                    SettleEntry(
+                        item.request_id,
+                        item.key_id,
+                        item.actual,
+                        key_call,
+                        global_call,
+                        provider_key(global_period, global_call.config.tz),
+                        item.provider or "unknown",
+                    )
                 )
-            )
-            if result.outcome is Outcome.NOT_LOADED:
+            # Each chunk is one Redis call: the Redis wait allowed grows with them (still bounded
+            # by the caller's deadline).
+            deadline = self._deadline(chunks=-(-len(entries) // SETTLE_CHUNK))
+            futures = self._settler.submit(entries, deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    results = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
+            except TimeoutError as exc:
+                raise StoreUnavailable("redis did not answer before the deadline") from exc
+            retry: list[int] = []
+            loaded = True
+            for index, (key_call, global_call), result in zip(todo, calls, results, strict=True):
+                if result.outcome is Outcome.NOT_LOADED:
+                    loaded = False
+                    retry.append(index)
+                    continue
+                if result.stale is not None:
+                    self._remember(key_scope(items[index].key_id), result.stale[0])
+                    self._remember(GLOBAL_SCOPE, result.stale[1])
+                    retry.append(index)
+                    continue
+                assert result.key is not None and result.global_ is not None
+                if result.overspend:
+                    metrics.OVERSPEND.inc(result.overspend)
+                    log.warning(
+                        "settled above the reservation",
+                        extra={
+                            "requestId": items[index].request_id,
+                            "keyId": items[index].key_id,
+                            "overspendMicros": result.overspend,
+                        },
+                    )
+                outcomes[index] = SettleOutcome(
+                    already_settled=result.already_settled,
+                    overspend=result.overspend,
+                    key=(key_call, result.key.limit, result.key.spent, result.key.reserved),
+                    global_=(global_call, result.global_.limit, result.global_.spent, result.global_.reserved),
+                )
+            if not retry:
+                return [outcome for outcome in outcomes if outcome is not None]
+            if not loaded:
                 await self.ensure_loaded()
-                continue
-            if result.stale is not None:
-                self._remember(scope, result.stale[0])
-                self._remember(GLOBAL_SCOPE, result.stale[1])
-                continue
-            assert result.key is not None and result.global_ is not None
-            if result.overspend:
-                metrics.OVERSPEND.inc(result.overspend)
-                log.warning(
-                    "settled above the reservation",
-                    extra={"requestId": item.request_id, "keyId": key_id, "overspendMicros": result.overspend},
-                )
-            return SettleOutcome(
-                already_settled=result.already_settled,
-                overspend=result.overspend,
-                key=(key_call, result.key.limit, result.key.spent, result.key.reserved),
-                global_=(global_call, result.global_.limit, result.global_.spent, result.global_.reserved),
-            )
+            todo = retry
         raise Unavailable("the budget configuration kept changing during the call; retry")
 
     async def release(self, request_id: str) -> bool:

@@ -51,94 +51,160 @@ local function expire_at(key, at)
 end
 """
 
-# KEYS: loaded, key cfg, global cfg, key counter, global counter, reservation, rexp
-# ARGV: request id, key id, estimate, key per, key tz, global per, global tz, default per, default tz,
-#       ttl ms, key counter expire-at, global counter expire-at, reservation key ttl ms,
-#       reservation key prefix, sweep limit
-# -> {0} not loaded | {1, kper, ktz, gper, gtz} stale config |
+# The request-path scripts take many items per call (concurrent Authorize calls coalesced, see
+# `services.budget.batching`; SettleBatch chunks), so one round trip and one script run serve
+# them all. Each item is still decided atomically: a script runs alone, items in order.
+# Keys are declared once in KEYS (KEYS[3..]) and items refer to them by index, because most
+# items share their config and counter keys; configs are read once per run (`cfgc`). The items
+# travel as one JSON argument (decoded by Redis' built-in cjson): packing one string per batch
+# costs the client far less than a dozen arguments per item. Amounts and expiry times are JSON
+# strings (a Lua number would print 1e15 as "1e+15"); key indexes are numbers.
+_BATCH_HELPERS = """
+local cfg_cache = {}
+local function cfgc(key, dper, dtz)
+  local c = cfg_cache[key]
+  if not c then
+    local per, tz, lim, dis = cfg(key, dper, dtz)
+    c = {per, tz, lim, dis}
+    cfg_cache[key] = c
+  end
+  return c[1], c[2], c[3], c[4]
+end
+"""
+
+# Authorize many items.
+# KEYS: loaded, rexp, then the key table (config, counter and reservation keys)
+# ARGV: default per, default tz, reservation key prefix, sweep limit per item, ttl ms,
+#       reservation key ttl ms, items (JSON array of arrays of 14 values: request id, key id,
+#       estimate, key cfg #, global cfg #, key counter #, global counter #, reservation #,
+#       key per, key tz, global per, global tz, key counter expire-at, global counter expire-at;
+#       # = index into KEYS)
+# -> {0} not loaded | {1, item...} where item is
+#    {1, kper, ktz, gper, gtz} stale config |
 #    {2, reason, klim, kcommitted, glim, gcommitted} denied (1 disabled, 2 key, 3 global) |
 #    {3, expires ms, klim, kcommitted, glim, gcommitted, replayed}
 AUTHORIZE = (
     _HELPERS
+    + _BATCH_HELPERS
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local kper, ktz, klim, kdis = cfg(KEYS[2], ARGV[8], ARGV[9])
-local gper, gtz, glim = cfg(KEYS[3], ARGV[8], ARGV[9])
-if kper ~= ARGV[4] or ktz ~= ARGV[5] or gper ~= ARGV[6] or gtz ~= ARGV[7] then
-  return {1, kper, ktz, gper, gtz}
-end
+local dper, dtz = ARGV[1], ARGV[2]
+local items = cjson.decode(ARGV[7])
 local now = now_ms()
-sweep(ARGV[14], KEYS[7], now, tonumber(ARGV[15]))
-local prior = redis.call('HMGET', KEYS[6], 'st', 'x')
-local ks, kr = counters(KEYS[4])
-local gs, gr = counters(KEYS[5])
-if prior[1] then
-  return {3, tonumber(prior[2]) or 0, klim, ks + kr, glim, gs + gr, 1}
+sweep(ARGV[3], KEYS[2], now, tonumber(ARGV[4]) * #items)
+local ttl, record_ttl = tonumber(ARGV[5]), ARGV[6]
+local out = {1}
+for i, it in ipairs(items) do
+  local kc, gc, rk = KEYS[it[6]], KEYS[it[7]], KEYS[it[8]]
+  local kper, ktz, klim, kdis = cfgc(KEYS[it[4]], dper, dtz)
+  local gper, gtz, glim = cfgc(KEYS[it[5]], dper, dtz)
+  local res
+  if kper ~= it[9] or ktz ~= it[10] or gper ~= it[11] or gtz ~= it[12] then
+    res = {1, kper, ktz, gper, gtz}
+  else
+    local prior = redis.call('HMGET', rk, 'st', 'x')
+    local ks, kr = counters(kc)
+    local gs, gr = counters(gc)
+    local amount = it[3]
+    local est = tonumber(amount)
+    if prior[1] then
+      res = {3, tonumber(prior[2]) or 0, klim, ks + kr, glim, gs + gr, 1}
+    elseif kdis then
+      res = {2, 1, klim, ks + kr, glim, gs + gr}
+    elseif klim >= 0 and ks + kr + est > klim then
+      res = {2, 2, klim, ks + kr, glim, gs + gr}
+    elseif glim >= 0 and gs + gr + est > glim then
+      res = {2, 3, klim, ks + kr, glim, gs + gr}
+    else
+      local exp = now + ttl
+      redis.call('HINCRBY', kc, 'r', amount)
+      redis.call('HINCRBY', gc, 'r', amount)
+      expire_at(kc, it[13])
+      expire_at(gc, it[14])
+      redis.call('HSET', rk, 'st', 'o', 'k', it[2], 'a', amount, 'c1', kc, 'c2', gc, 'x', exp)
+      redis.call('PEXPIRE', rk, record_ttl)
+      redis.call('ZADD', KEYS[2], exp, it[1])
+      res = {3, exp, klim, ks + kr + est, glim, gs + gr + est, 0}
+    end
+  end
+  out[i + 1] = res
 end
-if kdis then return {2, 1, klim, ks + kr, glim, gs + gr} end
-local est = tonumber(ARGV[3])
-if klim >= 0 and ks + kr + est > klim then return {2, 2, klim, ks + kr, glim, gs + gr} end
-if glim >= 0 and gs + gr + est > glim then return {2, 3, klim, ks + kr, glim, gs + gr} end
-local exp = now + tonumber(ARGV[10])
-redis.call('HINCRBY', KEYS[4], 'r', ARGV[3])
-redis.call('HINCRBY', KEYS[5], 'r', ARGV[3])
-expire_at(KEYS[4], ARGV[11])
-expire_at(KEYS[5], ARGV[12])
-redis.call('HSET', KEYS[6], 'st', 'o', 'k', ARGV[2], 'a', ARGV[3], 'c1', KEYS[4], 'c2', KEYS[5], 'x', exp)
-redis.call('PEXPIRE', KEYS[6], ARGV[13])
-redis.call('ZADD', KEYS[7], exp, ARGV[1])
-return {3, exp, klim, ks + kr + est, glim, gs + gr + est, 0}
+return out
 """
 )
 
-# KEYS: loaded, key cfg, global cfg, key counter, global counter, reservation, rexp, provider hash
-# ARGV: request id, key id, actual, key per, key tz, global per, global tz, default per, default tz,
-#       settled marker ttl ms, key counter expire-at, global counter expire-at, provider
-# -> {0} | {1, ...} stale | {2, klim, ks, kr, glim, gs, gr} already settled |
+# Settle many items.
+# KEYS: loaded, rexp, then the key table (config, counter, reservation and provider keys)
+# ARGV: default per, default tz, settled marker ttl ms, items (JSON array of arrays of 16 values:
+#       request id, key id, actual, key cfg #, global cfg #, key counter #, global counter #,
+#       reservation #, provider hash #, key per, key tz, global per, global tz,
+#       key counter expire-at, global counter expire-at, provider)
+# -> {0} not loaded | {1, item...} where item is
+#    {1, kper, ktz, gper, gtz} stale | {2, klim, ks, kr, glim, gs, gr} already settled |
 #    {3, overspend, klim, ks, kr, glim, gs, gr, ks before, gs before}
 SETTLE = (
     _HELPERS
+    + _BATCH_HELPERS
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local kper, ktz, klim = cfg(KEYS[2], ARGV[8], ARGV[9])
-local gper, gtz, glim = cfg(KEYS[3], ARGV[8], ARGV[9])
-if kper ~= ARGV[4] or ktz ~= ARGV[5] or gper ~= ARGV[6] or gtz ~= ARGV[7] then
-  return {1, kper, ktz, gper, gtz}
+local dper, dtz, settled_ttl = ARGV[1], ARGV[2], ARGV[3]
+local items = cjson.decode(ARGV[4])
+local out = {1}
+for i, it in ipairs(items) do
+  local kc, gc, rk, ph = KEYS[it[6]], KEYS[it[7]], KEYS[it[8]], KEYS[it[9]]
+  local kper, ktz, klim = cfgc(KEYS[it[4]], dper, dtz)
+  local gper, gtz, glim = cfgc(KEYS[it[5]], dper, dtz)
+  local res
+  if kper ~= it[10] or ktz ~= it[11] or gper ~= it[12] or gtz ~= it[13] then
+    res = {1, kper, ktz, gper, gtz}
+  else
+    local r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2')
+    if r[1] == 's' then
+      local ks, kr = counters(kc)
+      local gs, gr = counters(gc)
+      res = {2, klim, ks, kr, glim, gs, gr}
+    else
+      local amount = it[3]
+      local actual = tonumber(amount)
+      local reserved = 0
+      if r[1] == 'o' then
+        reserved = tonumber(r[2])
+        redis.call('HINCRBY', r[3], 'r', -reserved)
+        redis.call('HINCRBY', r[4], 'r', -reserved)
+        redis.call('ZREM', KEYS[2], it[1])
+      end
+      local over = 0
+      if actual > reserved then over = actual - reserved end
+      local kb = counters(kc)
+      local gb = counters(gc)
+      redis.call('HINCRBY', kc, 's', amount)
+      redis.call('HINCRBY', gc, 's', amount)
+      expire_at(kc, it[14])
+      expire_at(gc, it[15])
+      if it[16] ~= '' then
+        redis.call('HINCRBY', ph, it[16], amount)
+        expire_at(ph, it[15])
+      end
+      redis.call('HSET', rk, 'st', 's', 'k', it[2], 'a', amount)
+      redis.call('HDEL', rk, 'c1', 'c2', 'x')
+      redis.call('PEXPIRE', rk, settled_ttl)
+      local ks, kr = counters(kc)
+      local gs, gr = counters(gc)
+      res = {3, over, klim, ks, kr, glim, gs, gr, kb, gb}
+    end
+  end
+  out[i + 1] = res
 end
-local r = redis.call('HMGET', KEYS[6], 'st', 'a', 'c1', 'c2')
-if r[1] == 's' then
-  local ks, kr = counters(KEYS[4])
-  local gs, gr = counters(KEYS[5])
-  return {2, klim, ks, kr, glim, gs, gr}
-end
-local actual = tonumber(ARGV[3])
-local reserved = 0
-if r[1] == 'o' then
-  reserved = tonumber(r[2])
-  redis.call('HINCRBY', r[3], 'r', -reserved)
-  redis.call('HINCRBY', r[4], 'r', -reserved)
-  redis.call('ZREM', KEYS[7], ARGV[1])
-end
-local over = 0
-if actual > reserved then over = actual - reserved end
-local kb = counters(KEYS[4])
-local gb = counters(KEYS[5])
-redis.call('HINCRBY', KEYS[4], 's', ARGV[3])
-redis.call('HINCRBY', KEYS[5], 's', ARGV[3])
-expire_at(KEYS[4], ARGV[11])
-expire_at(KEYS[5], ARGV[12])
-if ARGV[13] ~= '' then
-  redis.call('HINCRBY', KEYS[8], ARGV[13], ARGV[3])
-  expire_at(KEYS[8], ARGV[12])
-end
-redis.call('HSET', KEYS[6], 'st', 's', 'k', ARGV[2], 'a', ARGV[3])
-redis.call('HDEL', KEYS[6], 'c1', 'c2', 'x')
-redis.call('PEXPIRE', KEYS[6], ARGV[10])
-local ks, kr = counters(KEYS[4])
-local gs, gr = counters(KEYS[5])
-return {3, over, klim, ks, kr, glim, gs, gr, kb, gb}
+return out
 """
 )
+
+# KEYS: reservation keys. -> the key id of each reservation ('' when there is none)
+RESERVATION_KEY_IDS = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, 'k') or '' end
+return out
+"""
 
 # KEYS: reservation, rexp. ARGV: request id. -> 1 released | 0 nothing open
 RELEASE = """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter("tally_budget_decisions_total", "Authorize decisions, by outcome.", ["outcome"])
 FAILURE_POLICY = Counter(
@@ -20,3 +20,9 @@ DRIFT = Gauge(
 )
 RECONCILES = Counter("tally_budget_reconciles_total", "Counter rebuilds from the database, by trigger.", ["trigger"])
 ALERTS_FIRED = Counter("tally_budget_alerts_fired_total", "Alerts fired (once per threshold per period).", ["kind"])
+BATCH_ITEMS = Histogram(
+    "tally_budget_batch_items",
+    "Items decided by one Redis script run (concurrent calls coalesced per event-loop tick).",
+    ["operation"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096),
+)

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from services.budget import lua
 from services.budget.periods import Period
@@ -20,6 +24,7 @@ RESERVATION_PREFIX = PREFIX + "r:"
 EXPIRY_KEY = PREFIX + "rexp"
 EVENTS_KEY = PREFIX + "events"
 GLOBAL_SCOPE = "global"
+GLOBAL_CONFIG_KEY = PREFIX + "cfg:" + GLOBAL_SCOPE
 SWEEP_LIMIT = 64
 
 
@@ -66,6 +71,34 @@ class ScopeCall:
     counter: str
     expire_at: int  # unix seconds, 0 = never
 
+    @property
+    def expire_text(self) -> str:
+        return str(self.expire_at)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizeEntry:
+    """One authorization of a batch."""
+
+    request_id: str
+    key_id: str
+    estimate: int
+    key: ScopeCall
+    global_: ScopeCall
+
+
+@dataclass(frozen=True, slots=True)
+class SettleEntry:
+    """One settlement of a batch."""
+
+    request_id: str
+    key_id: str
+    actual: int
+    key: ScopeCall
+    global_: ScopeCall
+    provider_hash: str
+    provider: str
+
 
 @dataclass(frozen=True)
 class Counts:
@@ -99,12 +132,82 @@ class SettleResult:
     global_spent_before: int = 0
 
 
+NOT_LOADED_AUTHORIZE = AuthorizeResult(Outcome.NOT_LOADED)
+NOT_LOADED_SETTLE = SettleResult(Outcome.NOT_LOADED)
+
+
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _stale(reply: list[Any]) -> tuple[ScopeConfig, ScopeConfig]:
     return ScopeConfig(_text(reply[1]), _text(reply[2])), ScopeConfig(_text(reply[3]), _text(reply[4]))
+
+
+class _KeyTable:
+    """KEYS of a batch script: the two fixed keys, then each distinct key once; items refer to
+    keys by their (1-based, Lua) index."""
+
+    __slots__ = ("index", "keys")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = [LOADED_KEY, EXPIRY_KEY]
+        self.index: dict[str, int] = {}
+
+    def __call__(self, key: str) -> int:
+        found = self.index.get(key)
+        if found is None:
+            self.keys.append(key)
+            found = self.index[key] = len(self.keys)
+        return found
+
+
+def _authorize_result(reply: list[Any]) -> AuthorizeResult:
+    outcome = reply[0]
+    if outcome == 3:
+        return AuthorizeResult(
+            Outcome.DONE,
+            expires_ms=int(reply[1]),
+            key_limit=int(reply[2]),
+            key_committed=int(reply[3]),
+            global_limit=int(reply[4]),
+            global_committed=int(reply[5]),
+            replayed=bool(int(reply[6])),
+        )
+    if outcome == 2:
+        return AuthorizeResult(
+            Outcome.DENIED,
+            reason=int(reply[1]),
+            key_limit=int(reply[2]),
+            key_committed=int(reply[3]),
+            global_limit=int(reply[4]),
+            global_committed=int(reply[5]),
+        )
+    return AuthorizeResult(Outcome.STALE, stale=_stale(reply))
+
+
+def _settle_result(reply: list[Any]) -> SettleResult:
+    outcome = reply[0]
+    if outcome == 3:
+        return SettleResult(
+            Outcome.DONE,
+            overspend=int(reply[1]),
+            key=Counts(int(reply[2]), int(reply[3]), int(reply[4])),
+            global_=Counts(int(reply[5]), int(reply[6]), int(reply[7])),
+            key_spent_before=int(reply[8]),
+            global_spent_before=int(reply[9]),
+        )
+    if outcome == 2:
+        return SettleResult(
+            Outcome.DONE,
+            already_settled=True,
+            key=Counts(int(reply[1]), int(reply[2]), int(reply[3])),
+            global_=Counts(int(reply[4]), int(reply[5]), int(reply[6])),
+        )
+    return SettleResult(Outcome.STALE, stale=_stale(reply))
 
 
 class BudgetStore:
@@ -114,6 +217,7 @@ class BudgetStore:
         self.redis = redis
         self.default = default
         self._authorize = redis.register_script(lua.AUTHORIZE)
+        self._key_ids = redis.register_script(lua.RESERVATION_KEY_IDS)
         self._settle = redis.register_script(lua.SETTLE)
         self._release = redis.register_script(lua.RELEASE)
         self._sweep = redis.register_script(lua.SWEEP)
@@ -127,6 +231,45 @@ class BudgetStore:
     def is_cluster(self) -> bool:
         return isinstance(self.redis, RedisCluster)
 
+    async def authorize_many(
+        self, entries: Sequence[AuthorizeEntry], *, ttl_ms: int, record_ttl_ms: int
+    ) -> list[AuthorizeResult]:
+        """Decides every entry in one script run (each atomically, in order); all NOT_LOADED
+        after a FLUSHALL."""
+        table = _KeyTable()
+        items = [
+            (
+                entry.request_id,
+                entry.key_id,
+                str(entry.estimate),
+                table(config_key(key_scope(entry.key_id))),
+                table(GLOBAL_CONFIG_KEY),
+                table(entry.key.counter),
+                table(entry.global_.counter),
+                table(RESERVATION_PREFIX + entry.request_id),
+                entry.key.config.period,
+                entry.key.config.tz,
+                entry.global_.config.period,
+                entry.global_.config.tz,
+                entry.key.expire_text,
+                entry.global_.expire_text,
+            )
+            for entry in entries
+        ]
+        args = (
+            self.default.period,
+            self.default.tz,
+            RESERVATION_PREFIX,
+            SWEEP_LIMIT,
+            ttl_ms,
+            record_ttl_ms,
+            _json(items),
+        )
+        reply: list[Any] = await self._authorize(keys=table.keys, args=args)
+        if not int(reply[0]):
+            return [NOT_LOADED_AUTHORIZE] * len(entries)
+        return [_authorize_result(item) for item in reply[1:]]
+
     async def authorize(
         self,
         *,
@@ -138,57 +281,86 @@ class BudgetStore:
         ttl_ms: int,
         record_ttl_ms: int,
     ) -> AuthorizeResult:
-        reply: list[Any] = await self._authorize(
-            keys=[
-                LOADED_KEY,
-                config_key(key_scope(key_id)),
-                config_key(GLOBAL_SCOPE),
-                key.counter,
-                global_.counter,
-                reservation_key(request_id),
-                EXPIRY_KEY,
-            ],
-            args=[
-                request_id,
-                key_id,
-                estimate,
-                key.config.period,
-                key.config.tz,
-                global_.config.period,
-                global_.config.tz,
-                self.default.period,
-                self.default.tz,
-                ttl_ms,
-                key.expire_at,
-                global_.expire_at,
-                record_ttl_ms,
-                RESERVATION_PREFIX,
-                SWEEP_LIMIT,
-            ],
-        )
-        outcome = Outcome(int(reply[0]))
-        if outcome is Outcome.NOT_LOADED:
-            return AuthorizeResult(outcome)
-        if outcome is Outcome.STALE:
-            return AuthorizeResult(outcome, stale=_stale(reply))
-        if outcome is Outcome.DENIED:
-            return AuthorizeResult(
-                outcome,
-                reason=int(reply[1]),
-                key_limit=int(reply[2]),
-                key_committed=int(reply[3]),
-                global_limit=int(reply[4]),
-                global_committed=int(reply[5]),
+        entry = AuthorizeEntry(request_id, key_id, estimate, key, global_)
+        (result,) = await self.authorize_many([entry], ttl_ms=ttl_ms, record_ttl_ms=record_ttl_ms)
+        return result
+
+    async def settle_many(
+        self, entries: Sequence[SettleEntry], *, settled_ttl_ms: int, chunk: int = 100
+    ) -> list[SettleResult]:
+        """Settles every entry (each atomically, in order): one script run per `chunk` entries,
+        all chunks in one pipeline, so one round trip whatever the size (a script blocks Redis
+        while it runs, hence the chunks). NOT_LOADED for a chunk run after a FLUSHALL. Builds and
+        reads chunk by chunk, letting other calls run in between (a batch may have thousands)."""
+        calls = []
+        for start in range(0, len(entries), chunk):
+            if start:
+                await asyncio.sleep(0)
+            calls.append(self._settle_call(entries[start : start + chunk], settled_ttl_ms))
+        if len(calls) == 1:
+            keys, args = calls[0]
+            replies: list[Any] = [await self._settle(keys=keys, args=args)]
+        else:
+            replies = await self._pipelined(self._settle, calls)
+        results: list[SettleResult] = []
+        for start, reply in zip(range(0, len(entries), chunk), replies, strict=True):
+            if start:
+                await asyncio.sleep(0)
+            if not int(reply[0]):
+                results += [NOT_LOADED_SETTLE] * len(entries[start : start + chunk])
+            else:
+                results += [_settle_result(item) for item in reply[1:]]
+        return results
+
+    def _settle_call(self, entries: Sequence[SettleEntry], settled_ttl_ms: int) -> tuple[list[str], list[Any]]:
+        table = _KeyTable()
+        items = [
+            (
+                entry.request_id,
+                entry.key_id,
+                str(entry.actual),
+                table(config_key(key_scope(entry.key_id))),
+                table(GLOBAL_CONFIG_KEY),
+                table(entry.key.counter),
+                table(entry.global_.counter),
+                table(RESERVATION_PREFIX + entry.request_id),
+                table(entry.provider_hash),
+                entry.key.config.period,
+                entry.key.config.tz,
+                entry.global_.config.period,
+                entry.global_.config.tz,
+                entry.key.expire_text,
+                entry.global_.expire_text,
+                entry.provider,
             )
-        return AuthorizeResult(
-            outcome,
-            expires_ms=int(reply[1]),
-            key_limit=int(reply[2]),
-            key_committed=int(reply[3]),
-            global_limit=int(reply[4]),
-            global_committed=int(reply[5]),
-            replayed=bool(int(reply[6])),
-        )
+            for entry in entries
+        ]
+        return table.keys, [self.default.period, self.default.tz, settled_ttl_ms, _json(items)]
+
+    async def _pipelined(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Runs `script` once per (keys, args) in one pipeline (one round trip); loads the script
+        and runs again the calls a Redis without it refused (NOSCRIPT: those did not run)."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index in todo:
+                    keys, args = calls[index]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+            missing = []
+            for index, answer in zip(todo, answers, strict=True):
+                if isinstance(answer, NoScriptError) and attempt == 0:
+                    missing.append(index)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    replies[index] = answer
+            if not missing:
+                break
+            script.sha = await self.redis.script_load(script.script)
+            todo = missing
+        return replies
 
     async def settle(
         self,
@@ -202,59 +374,20 @@ class BudgetStore:
         provider: str,
         settled_ttl_ms: int,
     ) -> SettleResult:
-        reply: list[Any] = await self._settle(
-            keys=[
-                LOADED_KEY,
-                config_key(key_scope(key_id)),
-                config_key(GLOBAL_SCOPE),
-                key.counter,
-                global_.counter,
-                reservation_key(request_id),
-                EXPIRY_KEY,
-                provider_hash,
-            ],
-            args=[
-                request_id,
-                key_id,
-                actual,
-                key.config.period,
-                key.config.tz,
-                global_.config.period,
-                global_.config.tz,
-                self.default.period,
-                self.default.tz,
-                settled_ttl_ms,
-                key.expire_at,
-                global_.expire_at,
-                provider,
-            ],
-        )
-        outcome = Outcome(int(reply[0]))
-        if outcome is Outcome.NOT_LOADED:
-            return SettleResult(outcome)
-        if outcome is Outcome.STALE:
-            return SettleResult(outcome, stale=_stale(reply))
-        if outcome is Outcome.DENIED:
-            numbers = [int(v) for v in reply[1:7]]
-            return SettleResult(
-                Outcome.DONE,
-                already_settled=True,
-                key=Counts(*numbers[0:3]),
-                global_=Counts(*numbers[3:6]),
-            )
-        numbers = [int(v) for v in reply[1:10]]
-        return SettleResult(
-            outcome,
-            overspend=numbers[0],
-            key=Counts(*numbers[1:4]),
-            global_=Counts(*numbers[4:7]),
-            key_spent_before=numbers[7],
-            global_spent_before=numbers[8],
-        )
+        entry = SettleEntry(request_id, key_id, actual, key, global_, provider_hash, provider)
+        (result,) = await self.settle_many([entry], settled_ttl_ms=settled_ttl_ms)
+        return result
 
     async def reservation_key_id(self, request_id: str) -> str | None:
         value = await self.redis.hget(reservation_key(request_id), "k")
         return None if value is None else _text(value)
+
+    async def reservation_key_ids(self, request_ids: Sequence[str]) -> list[str | None]:
+        """The key id of each request id's reservation (None without one), in one round trip."""
+        if not request_ids:
+            return []
+        found: list[Any] = await self._key_ids(keys=[reservation_key(r) for r in request_ids], args=[])
+        return [_text(value) or None for value in found]
 
     async def release(self, request_id: str) -> bool:
         released = await self._release(keys=[reservation_key(request_id), EXPIRY_KEY], args=[request_id])
