@@ -22,7 +22,7 @@ from psycopg import AsyncConnection, sql
 
 from services.ingest.events import ValidEvent
 from tally.runtime.db import Database
-from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
+from tally.usage.histogram import UPPER_BOUNDS_MS
 from tally.usage.schema import (
     COLUMNS,
     COPY_TYPES,
@@ -30,7 +30,7 @@ from tally.usage.schema import (
     KEY_GROUP,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
-    SMALL_INPUT_TOKENS,
+    rollup_aggregates,
 )
 
 log = logging.getLogger("tally.ingest.store")
@@ -54,27 +54,7 @@ CREATE TEMP TABLE IF NOT EXISTS ingest_staging (LIKE usage_events INCLUDING DEFA
 
 def _rollup_insert(name: str, table: str, width: str, late_threshold_seconds: int) -> str:
     """A CTE appending one row per group of the inserted events (`ins`, with histogram buckets)."""
-    small = f"input_tokens < {SMALL_INPUT_TOKENS} AND NOT tools_used"
-    aggregates = [
-        "count(*)",
-        "count(*) FILTER (WHERE http_status < 400)",
-        "count(*) FILTER (WHERE http_status >= 400)",
-        "sum(input_tokens)", "sum(output_tokens)", "sum(cached_read_tokens)", "sum(cache_write_tokens)",
-        "sum(reasoning_tokens)", "sum(images)", "sum(audio_seconds)", "coalesce(sum(cost_micros), 0)",
-        "count(*) FILTER (WHERE cost_source = 'provider')",
-        "count(*) FILTER (WHERE cost_source = 'unpriced')",
-        f"count(*) FILTER (WHERE ingested_at - event_time > make_interval(secs => {late_threshold_seconds}))",
-        "count(*) FILTER (WHERE streaming)",
-        "count(*) FILTER (WHERE tools_used)",
-        f"count(*) FILTER (WHERE {small})",
-        f"coalesce(sum(input_tokens) FILTER (WHERE {small}), 0)",
-        f"coalesce(sum(output_tokens) FILTER (WHERE {small}), 0)",
-        f"coalesce(sum(cost_micros) FILTER (WHERE {small}), 0)",
-        "sum(latency_ms)", "coalesce(sum(ttft_ms), 0)", "count(ttft_ms)",
-        *(f"count(*) FILTER (WHERE lb = {i})" for i in range(len(LATENCY_COLUMNS))),
-        *(f"count(*) FILTER (WHERE tb = {i})" for i in range(len(TTFT_COLUMNS))),
-    ]  # fmt: skip
-    assert len(aggregates) == len(_SUM_COLUMNS)
+    aggregates = rollup_aggregates(late_threshold_seconds)
     columns = ", ".join(("bucket", *ROLLUP_GROUP, *_SUM_COLUMNS))
     # Built from constants only (no input reaches this text).
     return f"""{name} AS (

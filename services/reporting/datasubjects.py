@@ -40,7 +40,7 @@ from tally.runtime.config import ServiceName
 from tally.runtime.errors import FailedPrecondition
 from tally.runtime.server import Resources
 from tally.runtime.validation import Violations
-from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
+from tally.usage.histogram import UPPER_BOUNDS_MS
 from tally.usage.identity import hash_end_user
 from tally.usage.schema import (
     COLUMNS,
@@ -48,7 +48,7 @@ from tally.usage.schema import (
     KEY_GROUP,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
-    SMALL_INPUT_TOKENS,
+    rollup_aggregates,
 )
 from tally.usage.schema import TABLES as ROLLUP_TABLES
 
@@ -70,27 +70,7 @@ def negated_aggregates(late_threshold_seconds: int) -> list[str]:
     """Minus what ingest appends for the same rows (store.py `_rollup_insert`), per ROLLUP_SUMS column.
 
     Reads `ins`: the rows being removed, with histogram buckets `lb` and `tb`."""
-    small = f"input_tokens < {SMALL_INPUT_TOKENS} AND NOT tools_used"
-    aggregates = [
-        "count(*)",
-        "count(*) FILTER (WHERE http_status < 400)",
-        "count(*) FILTER (WHERE http_status >= 400)",
-        "sum(input_tokens)", "sum(output_tokens)", "sum(cached_read_tokens)", "sum(cache_write_tokens)",
-        "sum(reasoning_tokens)", "sum(images)", "sum(audio_seconds)", "coalesce(sum(cost_micros), 0)",
-        "count(*) FILTER (WHERE cost_source = 'provider')",
-        "count(*) FILTER (WHERE cost_source = 'unpriced')",
-        f"count(*) FILTER (WHERE ingested_at - event_time > make_interval(secs => {late_threshold_seconds}))",
-        "count(*) FILTER (WHERE streaming)",
-        "count(*) FILTER (WHERE tools_used)",
-        f"count(*) FILTER (WHERE {small})",
-        f"coalesce(sum(input_tokens) FILTER (WHERE {small}), 0)",
-        f"coalesce(sum(output_tokens) FILTER (WHERE {small}), 0)",
-        f"coalesce(sum(cost_micros) FILTER (WHERE {small}), 0)",
-        "sum(latency_ms)", "coalesce(sum(ttft_ms), 0)", "count(ttft_ms)",
-        *(f"count(*) FILTER (WHERE lb = {i})" for i in range(len(LATENCY_COLUMNS))),
-        *(f"count(*) FILTER (WHERE tb = {i})" for i in range(len(TTFT_COLUMNS))),
-    ]  # fmt: skip
-    assert len(aggregates) == len(ROLLUP_SUMS)
+    aggregates = rollup_aggregates(late_threshold_seconds)
     return [f"-({a})" for a in aggregates]
 
 

@@ -82,3 +82,33 @@ DAILY_GLOBAL = RollupTable("usage_rollup_daily_global", timedelta(days=1), GLOBA
 HOURLY_KEY = RollupTable("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
 DAILY_KEY = RollupTable("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
 TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
+
+
+def rollup_aggregates(late_threshold_seconds: int) -> list[str]:
+    """The SQL aggregate of each ROLLUP_SUMS column over usage_events rows (in that order).
+
+    The rows must carry the histogram bucket numbers `lb` and `tb`:
+    `width_bucket(latency_ms - 1, bounds)` and `width_bucket(ttft_ms - 1, bounds)`. Ingest appends
+    these aggregates for inserted rows; a data-subject delete appends their negation."""
+    small = f"input_tokens < {SMALL_INPUT_TOKENS} AND NOT tools_used"
+    aggregates = [
+        "count(*)",
+        "count(*) FILTER (WHERE http_status < 400)",
+        "count(*) FILTER (WHERE http_status >= 400)",
+        "sum(input_tokens)", "sum(output_tokens)", "sum(cached_read_tokens)", "sum(cache_write_tokens)",
+        "sum(reasoning_tokens)", "sum(images)", "sum(audio_seconds)", "coalesce(sum(cost_micros), 0)",
+        "count(*) FILTER (WHERE cost_source = 'provider')",
+        "count(*) FILTER (WHERE cost_source = 'unpriced')",
+        f"count(*) FILTER (WHERE ingested_at - event_time > make_interval(secs => {late_threshold_seconds}))",
+        "count(*) FILTER (WHERE streaming)",
+        "count(*) FILTER (WHERE tools_used)",
+        f"count(*) FILTER (WHERE {small})",
+        f"coalesce(sum(input_tokens) FILTER (WHERE {small}), 0)",
+        f"coalesce(sum(output_tokens) FILTER (WHERE {small}), 0)",
+        f"coalesce(sum(cost_micros) FILTER (WHERE {small}), 0)",
+        "sum(latency_ms)", "coalesce(sum(ttft_ms), 0)", "count(ttft_ms)",
+        *(f"count(*) FILTER (WHERE lb = {i})" for i in range(len(LATENCY_COLUMNS))),
+        *(f"count(*) FILTER (WHERE tb = {i})" for i in range(len(TTFT_COLUMNS))),
+    ]  # fmt: skip
+    assert len(aggregates) == len(ROLLUP_SUMS)
+    return aggregates
