@@ -3,9 +3,12 @@ Redis, the four services and Envoy, the same way `make run` does (`tally.devstac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,9 +16,10 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psycopg
 import pytest
 
-from tally.devstack import Postgres, Redis, Suite, free_port
+from tally.devstack import ROOT, Postgres, Redis, Suite, free_port
 from tally.runtime.config import ServiceName, Settings
 
 
@@ -80,6 +84,46 @@ def stack_env(key: str) -> dict[str, str]:
         env[f"{service.value.upper()}_ADDRESS"] = f"127.0.0.1:{free_port()}"
         env[f"{service.value.upper()}_METRICS_PORT"] = str(free_port())
     return env
+
+
+def fresh_database(postgres: Postgres, prefix: str) -> str:
+    """A new, empty database on the shared PostgreSQL server; its URL."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(
+        f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/postgres", password=postgres.password, autocommit=True
+    ) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/{name}"
+
+
+@contextlib.contextmanager
+def private_suite(
+    infra: tuple[Postgres, Redis, Path], prefix: str, extra_env: dict[str, str]
+) -> Iterator[tuple[dict[str, str], Suite, Path]]:
+    """A whole suite of its own (fresh database, its own Redis) for tests that need exact global
+    totals or change server-wide state. Yields its environment, the suite and its folder."""
+    postgres, _redis, shared_root = infra
+    root = shared_root / f"{prefix}-{secrets.token_hex(3)}"
+    redis_server = Redis(root / "redis", free_port())
+    env = stack_env(secrets.token_urlsafe(24))
+    env.update(
+        {
+            "DATABASE_URL": fresh_database(postgres, prefix),
+            "DATABASE_PASSWORD": postgres.password,
+            "REDIS_URL": redis_server.url,
+            "MIGRATE_ON_START": "false",
+            **extra_env,
+        }
+    )
+    suite = Suite(env, log_dir=root / "logs")
+    try:
+        redis_server.start()
+        subprocess.run([sys.executable, "-m", "tally.runtime.migrate"], env=env, cwd=ROOT, check=True)
+        suite.start_all()
+        yield env, suite, root
+    finally:
+        suite.stop_all()
+        redis_server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,6 @@ endpoint's numbers are checked against an independent computation from the gener
 from __future__ import annotations
 
 import math
-import secrets
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -20,14 +17,13 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import httpx
-import psycopg
 import pytest
 
 from services.analytics import model
-from tally.devstack import ROOT, Postgres, Redis, Suite, free_port
+from tally.devstack import Postgres, Redis, Suite
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tally.usage.histogram import UPPER_BOUNDS_MS, bucket_of
-from tests.conftest import stack_env
+from tests.conftest import private_suite
 from tests.usage_support import EventFactory, TestPrice, expected_cost_micros
 
 ZONE = ZoneInfo("Asia/Tokyo")
@@ -62,40 +58,11 @@ class AnalyticsStack:
             return client.request(method, f"/api/admin{path}", **kwargs)
 
 
-def _fresh_database(postgres: Postgres) -> str:
-    name = f"analytics_{secrets.token_hex(4)}"
-    with psycopg.connect(
-        f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/postgres", password=postgres.password, autocommit=True
-    ) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/{name}"
-
-
 @pytest.fixture(scope="module")
 def astack(infra: tuple[Postgres, Redis, Path]) -> Iterator[AnalyticsStack]:
-    postgres, _redis, shared_root = infra
-    root = shared_root / f"analytics-{secrets.token_hex(3)}"
-    redis_server = Redis(root / "redis", free_port())
-    env = stack_env(secrets.token_urlsafe(24))
-    env.update(
-        {
-            "DATABASE_URL": _fresh_database(postgres),
-            "DATABASE_PASSWORD": postgres.password,
-            "REDIS_URL": redis_server.url,
-            "MIGRATE_ON_START": "false",
-            "TIMEZONE": "Asia/Tokyo",
-            "INGEST_LATE_WINDOW_SECONDS": str(40 * 86400),
-        }
-    )
-    suite = Suite(env, log_dir=root / "logs")
-    try:
-        redis_server.start()
-        subprocess.run([sys.executable, "-m", "tally.runtime.migrate"], env=env, cwd=ROOT, check=True)
-        suite.start_all()
+    extra = {"TIMEZONE": "Asia/Tokyo", "INGEST_LATE_WINDOW_SECONDS": str(40 * 86400)}
+    with private_suite(infra, "analytics", extra) as (env, suite, _root):
         yield AnalyticsStack(env, suite)
-    finally:
-        suite.stop_all()
-        redis_server.stop()
 
 
 # ------------------------------------------------------------------------------------ the dataset

@@ -25,11 +25,11 @@ import psycopg
 import pytest
 
 from services.reporting import retention
-from tally.devstack import ROOT, Postgres, Redis, Suite, free_port
+from tally.devstack import ROOT, Postgres, Redis, Suite
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tally.runtime.config import Settings
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
-from tests.conftest import stack_env
+from tests.conftest import private_suite
 from tests.usage_support import EventFactory
 
 RETENTION_DAYS = 30
@@ -67,42 +67,17 @@ class PrivateStack:
         return result
 
 
-def _fresh_database(postgres: Postgres) -> str:
-    name = f"retention_{secrets.token_hex(4)}"
-    with psycopg.connect(
-        f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/postgres", password=postgres.password, autocommit=True
-    ) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/{name}"
-
-
 @pytest.fixture(scope="module")
 def rstack(infra: tuple[Postgres, Redis, Path]) -> Iterator[PrivateStack]:
-    postgres, _redis, shared_root = infra
-    root = shared_root / f"retention-{secrets.token_hex(3)}"
-    redis_server = Redis(root / "redis", free_port())
-    env = stack_env(secrets.token_urlsafe(24))
-    env.update(
-        {
-            "DATABASE_URL": _fresh_database(postgres),
-            "DATABASE_PASSWORD": postgres.password,
-            "REDIS_URL": redis_server.url,
-            "MIGRATE_ON_START": "false",
-            "INGEST_LATE_WINDOW_SECONDS": str(60 * 86400),
-            "RETENTION_RAW_DAYS": str(RETENTION_DAYS),
-            "RETENTION_ARCHIVE_DIR": str(root / "archive"),
-            "RETENTION_CHECK_SECONDS": "86400",
-        }
-    )
-    suite = Suite(env, log_dir=root / "logs")
-    try:
-        redis_server.start()
-        subprocess.run([sys.executable, "-m", "tally.runtime.migrate"], env=env, cwd=ROOT, check=True)
-        suite.start_all()
-        yield PrivateStack(env, suite, root / "archive")
-    finally:
-        suite.stop_all()
-        redis_server.stop()
+    archive = infra[2] / f"retention-archive-{secrets.token_hex(3)}"
+    extra = {
+        "INGEST_LATE_WINDOW_SECONDS": str(60 * 86400),
+        "RETENTION_RAW_DAYS": str(RETENTION_DAYS),
+        "RETENTION_ARCHIVE_DIR": str(archive),
+        "RETENTION_CHECK_SECONDS": "86400",
+    }
+    with private_suite(infra, "retention", extra) as (env, suite, _root):
+        yield PrivateStack(env, suite, archive)
 
 
 @dataclass
