@@ -22,14 +22,13 @@ from psycopg import AsyncConnection, sql
 
 from services.ingest.events import ValidEvent
 from tally.runtime.db import Database
-from tally.usage.histogram import UPPER_BOUNDS_MS
 from tally.usage.schema import (
     COLUMNS,
     COPY_TYPES,
-    GLOBAL_GROUP,
-    KEY_GROUP,
+    HISTOGRAM_BOUNDS_SQL,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
+    derived_rollup_ctes,
     rollup_aggregates,
 )
 
@@ -37,15 +36,12 @@ log = logging.getLogger("tally.ingest.store")
 
 _RETRIES = 3
 
-_BOUNDS = "ARRAY[" + ",".join(str(int(b)) for b in UPPER_BOUNDS_MS[:-1]) + "]"
+_BOUNDS = HISTOGRAM_BOUNDS_SQL
 _SUM_COLUMNS = ROLLUP_SUMS
 
 _ROLLUP_COLUMNS = ", ".join(("bucket", *ROLLUP_GROUP, *_SUM_COLUMNS))
-_GLOBAL_COLUMNS = ", ".join(("bucket", *GLOBAL_GROUP, *_SUM_COLUMNS))
-_KEY_COLUMNS = ", ".join(("bucket", *KEY_GROUP, *_SUM_COLUMNS))
-# The daily rows of a batch are the sums of its hourly rows (cheaper than re-aggregating events);
-# the global and per-key rollups are likewise sums of the full hourly rows.
-_DAILY_SUMS = ", ".join(f"sum({c})" for c in _SUM_COLUMNS)
+# The daily, global and per-key rows of a batch are sums of its hourly rows (cheaper than
+# re-aggregating events): see tally.usage.schema.derived_rollup_ctes.
 
 SETUP_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_staging (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
@@ -75,26 +71,7 @@ def _batch_sql(late_threshold_seconds: int) -> str:
         SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
         FROM new),
     {_rollup_insert("hourly", "usage_rollup_hourly", "1 hour", late_threshold_seconds)},
-    daily AS (
-        INSERT INTO usage_rollup_daily ({_ROLLUP_COLUMNS})
-        SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {_DAILY_SUMS}
-        FROM hourly GROUP BY 1, 2, 3, 4, 5, 6, 7),
-    hourly_global AS (
-        INSERT INTO usage_rollup_hourly_global ({_GLOBAL_COLUMNS})
-        SELECT bucket, {", ".join(GLOBAL_GROUP)}, {_DAILY_SUMS}
-        FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
-        RETURNING *),
-    daily_global AS (
-        INSERT INTO usage_rollup_daily_global ({_GLOBAL_COLUMNS})
-        SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {_DAILY_SUMS}
-        FROM hourly_global GROUP BY 1, 2, 3, 4, 5, 6),
-    hourly_key AS (
-        INSERT INTO usage_rollup_hourly_key ({_KEY_COLUMNS})
-        SELECT bucket, key_id, {_DAILY_SUMS} FROM hourly GROUP BY 1, 2
-        RETURNING *),
-    daily_key AS (
-        INSERT INTO usage_rollup_daily_key ({_KEY_COLUMNS})
-        SELECT time_bucket('1 day', bucket), key_id, {_DAILY_SUMS} FROM hourly_key GROUP BY 1, 2),
+    {derived_rollup_ctes()},
     fingerprints AS (
         INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)

@@ -40,21 +40,20 @@ from tally.runtime.config import ServiceName
 from tally.runtime.errors import FailedPrecondition
 from tally.runtime.server import Resources
 from tally.runtime.validation import Violations
-from tally.usage.histogram import UPPER_BOUNDS_MS
 from tally.usage.identity import hash_end_user
 from tally.usage.schema import (
     COLUMNS,
-    GLOBAL_GROUP,
-    KEY_GROUP,
+    HISTOGRAM_BOUNDS_SQL,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
+    derived_rollup_ctes,
     rollup_aggregates,
 )
 from tally.usage.schema import TABLES as ROLLUP_TABLES
 
 log = logging.getLogger("tally.reporting.datasubjects")
 
-_BOUNDS = "ARRAY[" + ",".join(str(int(b)) for b in UPPER_BOUNDS_MS[:-1]) + "]"
+_BOUNDS = HISTOGRAM_BOUNDS_SQL
 # Most rollup buckets compacted after one deletion (beyond that the ingest compactor's sweep or
 # a later pass merges them; the sums are exact either way).
 _MAX_COMPACTIONS = 5000
@@ -78,11 +77,7 @@ def removal_sql(source: str, late_threshold_seconds: int) -> str:
     """One statement: take the rows of `source` (a query over usage_events rows, e.g. a DELETE ...
     RETURNING *) and append negative delta rows to every rollup. Returns one row: events, cost,
     hours (the hourly buckets touched). Built from constants only."""
-    group = ", ".join(ROLLUP_GROUP)
-    sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
     full = ", ".join(("bucket", *ROLLUP_GROUP, *ROLLUP_SUMS))
-    glob = ", ".join(("bucket", *GLOBAL_GROUP, *ROLLUP_SUMS))
-    key = ", ".join(("bucket", *KEY_GROUP, *ROLLUP_SUMS))
     return f"""
     WITH gone AS ({source}),
     ins AS MATERIALIZED (
@@ -95,24 +90,7 @@ def removal_sql(source: str, late_threshold_seconds: int) -> str:
                {", ".join(negated_aggregates(late_threshold_seconds))}
         FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7
         RETURNING *),
-    daily AS (
-        INSERT INTO usage_rollup_daily ({full})
-        SELECT time_bucket('1 day', bucket), {group}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6, 7),
-    hourly_global AS (
-        INSERT INTO usage_rollup_hourly_global ({glob})
-        SELECT bucket, {", ".join(GLOBAL_GROUP)}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
-        RETURNING *),
-    daily_global AS (
-        INSERT INTO usage_rollup_daily_global ({glob})
-        SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {sums}
-        FROM hourly_global GROUP BY 1, 2, 3, 4, 5, 6),
-    hourly_key AS (
-        INSERT INTO usage_rollup_hourly_key ({key})
-        SELECT bucket, key_id, {sums} FROM hourly GROUP BY 1, 2
-        RETURNING *),
-    daily_key AS (
-        INSERT INTO usage_rollup_daily_key ({key})
-        SELECT time_bucket('1 day', bucket), key_id, {sums} FROM hourly_key GROUP BY 1, 2),
+    {derived_rollup_ctes()},
     fingerprints AS (
         INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)

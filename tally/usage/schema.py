@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS
+from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
 
 # Requests with fewer input tokens than this and no tool use are "small input" (candidates for a
 # cheaper model); the rollups keep their counts, tokens and cost apart.
@@ -112,3 +112,37 @@ def rollup_aggregates(late_threshold_seconds: int) -> list[str]:
     ]  # fmt: skip
     assert len(aggregates) == len(ROLLUP_SUMS)
     return aggregates
+
+
+# The histogram bounds as an SQL array, for `width_bucket(latency_ms - 1, ...)` (see rollup_aggregates).
+HISTOGRAM_BOUNDS_SQL = "ARRAY[" + ",".join(str(int(b)) for b in UPPER_BOUNDS_MS[:-1]) + "]"
+
+
+def derived_rollup_ctes() -> str:
+    """CTEs appending the daily, global and per-key rollup rows derived from a CTE `hourly` that
+    holds the full hourly rollup rows just appended (`INSERT ... RETURNING *`). Whatever those
+    rows are (a batch's sums, or a delete's negated sums), the derived rows are their sums, so
+    every grain stays equal to the raw events. Ends without a trailing comma."""
+    sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+    full = ", ".join(("bucket", *ROLLUP_GROUP, *ROLLUP_SUMS))
+    glob = ", ".join(("bucket", *GLOBAL_GROUP, *ROLLUP_SUMS))
+    key = ", ".join(("bucket", *KEY_GROUP, *ROLLUP_SUMS))
+    return f"""daily AS (
+        INSERT INTO usage_rollup_daily ({full})
+        SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {sums}
+        FROM hourly GROUP BY 1, 2, 3, 4, 5, 6, 7),
+    hourly_global AS (
+        INSERT INTO usage_rollup_hourly_global ({glob})
+        SELECT bucket, {", ".join(GLOBAL_GROUP)}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
+        RETURNING *),
+    daily_global AS (
+        INSERT INTO usage_rollup_daily_global ({glob})
+        SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {sums}
+        FROM hourly_global GROUP BY 1, 2, 3, 4, 5, 6),
+    hourly_key AS (
+        INSERT INTO usage_rollup_hourly_key ({key})
+        SELECT bucket, key_id, {sums} FROM hourly GROUP BY 1, 2
+        RETURNING *),
+    daily_key AS (
+        INSERT INTO usage_rollup_daily_key ({key})
+        SELECT time_bucket('1 day', bucket), key_id, {sums} FROM hourly_key GROUP BY 1, 2)"""  # noqa: S608
