@@ -330,6 +330,9 @@ class BudgetEngine:
                 raise StoreUnavailable("redis did not answer before the deadline") from exc
             retry: list[int] = []
             loaded = True
+            # Settled above an open reservation: items, micro-units, the first request id.
+            above_items, above_micros, above_first = 0, 0, ""
+            unreserved = 0
             for index, (key_call, global_call), result in zip(todo, calls, results, strict=True):
                 if result.outcome is Outcome.NOT_LOADED:
                     loaded = False
@@ -342,20 +345,29 @@ class BudgetEngine:
                     continue
                 assert result.key is not None and result.global_ is not None
                 if result.overspend:
-                    metrics.OVERSPEND.inc(result.overspend)
-                    log.warning(
-                        "settled above the reservation",
-                        extra={
-                            "requestId": items[index].request_id,
-                            "keyId": items[index].key_id,
-                            "overspendMicros": result.overspend,
-                        },
-                    )
+                    if result.reserved:
+                        above_items += 1
+                        above_micros += result.overspend
+                        above_first = above_first or items[index].request_id
+                    else:
+                        unreserved += result.overspend
                 outcomes[index] = SettleOutcome(
                     already_settled=result.already_settled,
                     overspend=result.overspend,
                     key=(key_call, result.key.limit, result.key.spent, result.key.reserved),
                     global_=(global_call, result.global_.limit, result.global_.spent, result.global_.reserved),
+                )
+            # Spend with no open reservation (the gateway did not authorize, or the reservation
+            # expired) is all "above its reservation": counted, not logged per item, because a
+            # gateway that never authorizes would log every request. Actual costs above an open
+            # reservation's estimate are logged, one line per call.
+            if unreserved:
+                metrics.OVERSPEND.labels("none").inc(unreserved)
+            if above_items:
+                metrics.OVERSPEND.labels("open").inc(above_micros)
+                log.warning(
+                    "settled above the reservation",
+                    extra={"items": above_items, "overspendMicros": above_micros, "firstRequestId": above_first},
                 )
             if not retry:
                 return [outcome for outcome in outcomes if outcome is not None]

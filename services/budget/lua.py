@@ -141,7 +141,7 @@ return out
 #       key counter expire-at, global counter expire-at, provider)
 # -> {0} not loaded | {1, item...} where item is
 #    {1, kper, ktz, gper, gtz} stale | {2, klim, ks, kr, glim, gs, gr} already settled |
-#    {3, overspend, klim, ks, kr, glim, gs, gr, ks before, gs before}
+#    {3, overspend, klim, ks, kr, glim, gs, gr, ks before, gs before, had reservation (1/0)}
 SETTLE = (
     _HELPERS
     + _BATCH_HELPERS
@@ -166,8 +166,9 @@ for i, it in ipairs(items) do
     else
       local amount = it[3]
       local actual = tonumber(amount)
-      local reserved = 0
+      local reserved, held = 0, 0
       if r[1] == 'o' then
+        held = 1
         reserved = tonumber(r[2])
         redis.call('HINCRBY', r[3], 'r', -reserved)
         redis.call('HINCRBY', r[4], 'r', -reserved)
@@ -186,11 +187,11 @@ for i, it in ipairs(items) do
         expire_at(ph, it[15])
       end
       redis.call('HSET', rk, 'st', 's', 'k', it[2], 'a', amount)
-      redis.call('HDEL', rk, 'c1', 'c2', 'x')
+      if r[1] then redis.call('HDEL', rk, 'c1', 'c2', 'x') end
       redis.call('PEXPIRE', rk, settled_ttl)
       local ks, kr = counters(kc)
       local gs, gr = counters(gc)
-      res = {3, over, klim, ks, kr, glim, gs, gr, kb, gb}
+      res = {3, over, klim, ks, kr, glim, gs, gr, kb, gb, held}
     end
   end
   out[i + 1] = res

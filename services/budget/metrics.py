@@ -11,7 +11,9 @@ FAILURE_POLICY = Counter(
     ["operation", "policy"],
 )
 OVERSPEND = Counter(
-    "tally_budget_overspend_micros_total", "Settled spend above its reservation (micro-units), by scope kind."
+    "tally_budget_overspend_micros_total",
+    "Settled spend above its reservation (micro-units), by whether a reservation was open.",
+    ["reservation"],
 )
 DRIFT = Gauge(
     "tally_budget_drift_micros",

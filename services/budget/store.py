@@ -126,6 +126,7 @@ class SettleResult:
     stale: tuple[ScopeConfig, ScopeConfig] | None = None
     already_settled: bool = False
     overspend: int = 0
+    reserved: bool = False  # a reservation was open when this settled
     key: Counts | None = None
     global_: Counts | None = None
     key_spent_before: int = 0
@@ -199,6 +200,7 @@ def _settle_result(reply: list[Any]) -> SettleResult:
             global_=Counts(int(reply[5]), int(reply[6]), int(reply[7])),
             key_spent_before=int(reply[8]),
             global_spent_before=int(reply[9]),
+            reserved=reply[10] == 1,
         )
     if outcome == 2:
         return SettleResult(

@@ -67,12 +67,12 @@ class Ingestor:
                 rejected += 1
                 result = results[index]
                 result.status, result.reason, result.field = "rejected", exc.reason, exc.field
-        inserted = await self._store.write([v for _, v in candidates])
+        not_new = await self._store.write([v for _, v in candidates])
         accepted: list[ValidEvent] = []
         seen: set[tuple[str, datetime]] = set()
         for index, valid in candidates:
             identity = valid.identity
-            if identity in inserted and identity not in seen:
+            if identity not in not_new and identity not in seen:
                 seen.add(identity)
                 accepted.append(valid)
                 results[index].status = "accepted"
@@ -256,7 +256,12 @@ async def build(resources: Resources) -> Sequence[Registration]:
         late_threshold=timedelta(seconds=settings.ingest_late_threshold_seconds),
         end_user_key=settings.end_user_hash_key.get_secret_value().encode(),
     )
-    store = UsageStore(resources.db, settings.ingest_late_threshold_seconds)
+    store = UsageStore(
+        resources.db,
+        settings.ingest_late_threshold_seconds,
+        writers=settings.ingest_writers,
+        group_events=settings.ingest_group_events,
+    )
     ingestor = Ingestor(store, prices, policy, after, compactor, settings.ingest_max_batch)
     return [
         Registration(

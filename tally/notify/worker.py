@@ -26,8 +26,9 @@ DELIVERIES = Counter(
     ["channel", "result"],
 )
 
-OUTBOX = Gauge("tally_notifications_outbox", "Notification outbox rows by status (pending backlog, dead letters).",
-               ["status"])
+OUTBOX = Gauge(
+    "tally_notifications_outbox", "Notification outbox rows by status (pending backlog, dead letters).", ["status"]
+)
 # How often a worker refreshes the outbox gauges (one count query).
 _GAUGE_SECONDS = 15.0
 

@@ -98,6 +98,17 @@ class Settings(BaseSettings):
         300, ge=0, description="An event arriving this long after its event time counts as late."
     )
     ingest_max_batch: int = Field(10_000, gt=0, description="Largest batch accepted by one call.")
+    ingest_writers: int = Field(
+        2,
+        gt=0,
+        description="Most transactions one ingest process runs at once; "
+        "batches waiting meanwhile are committed together.",
+    )
+    ingest_group_events: int = Field(
+        10_000,
+        gt=0,
+        description="Most events committed together in one transaction (group commit of waiting batches).",
+    )
     ingest_compact_seconds: float = Field(
         10.0, gt=0, description="How often ingest merges the rollup rows appended since the last pass."
     )
@@ -130,9 +141,7 @@ class Settings(BaseSettings):
     budget_drift_check_seconds: float = Field(
         60.0, gt=0, description="How often the Redis-vs-database drift gauge is refreshed."
     )
-    budget_spike_check_seconds: float = Field(
-        60.0, gt=0, description="How often cost-spike detection runs."
-    )
+    budget_spike_check_seconds: float = Field(60.0, gt=0, description="How often cost-spike detection runs.")
     budget_spike_trailing_windows: int = Field(
         24, gt=0, description="Windows before the current one whose average spend is the spike baseline."
     )

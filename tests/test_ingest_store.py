@@ -1,0 +1,128 @@
+"""The ingest store's group commit against real TimescaleDB: batches that wait while a writer is
+busy are committed together, and each event is still stored and reported new exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from services.ingest.events import IngestPolicy, ValidEvent, validate
+from services.ingest.pricing import PriceBook
+from services.ingest.store import UsageStore, prepare_connection
+from tally.devstack import Postgres, Redis
+from tally.runtime.config import Settings
+from tally.runtime.db import Database
+from tally.runtime.migrate import apply_migrations
+from tests.conftest import fresh_database
+from tests.usage_support import EventFactory, recent
+
+MODELS = [("openai", "gpt-4o"), ("anthropic", "claude-3-haiku")]
+
+
+@pytest.fixture
+async def database(infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Database]:
+    postgres = infra[0]
+    monkeypatch.setenv("DATABASE_URL", fresh_database(postgres, "store"))
+    monkeypatch.setenv("DATABASE_PASSWORD", postgres.password)
+    monkeypatch.setenv("END_USER_HASH_KEY", "store-test-secret")
+    monkeypatch.setenv("ADMIN_MASTER_KEY", "store-test-master-key")
+    settings = Settings()
+    await apply_migrations(settings)
+    db = Database(settings, configure=prepare_connection)
+    await db.open()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def valid_events(factory: EventFactory, count: int) -> list[ValidEvent]:
+    policy = IngestPolicy(
+        late_window=timedelta(days=7),
+        future_skew=timedelta(minutes=5),
+        late_threshold=timedelta(minutes=5),
+        end_user_key=b"store-test-secret",
+    )
+    now = datetime.now(UTC)
+    book = PriceBook([])  # unpriced: cost plays no part in what is tested here
+    return [validate(e, now, policy, book) for e in factory.events(count, recent(hours=3), timedelta(hours=2))]
+
+
+def accepted_of(batch: Sequence[ValidEvent], not_new: set[tuple[str, datetime]]) -> list[ValidEvent]:
+    """What the ingest service reports as accepted (the same rule as Ingestor.record)."""
+    seen: set[tuple[str, datetime]] = set()
+    out = []
+    for event in batch:
+        if event.identity not in not_new and event.identity not in seen:
+            seen.add(event.identity)
+            out.append(event)
+    return out
+
+
+async def test_waiting_batches_commit_together_and_each_event_counts_once(database: Database) -> None:
+    factory = EventFactory(seed=31, models=MODELS)
+    pool = valid_events(factory, 3000)
+    rng = factory.rng
+    # 12 batches drawn from one pool: identities repeat within and across batches.
+    batches = [[rng.choice(pool) for _ in range(400)] for _ in range(12)]
+    store = UsageStore(database, late_threshold_seconds=300, writers=1, group_events=2000)
+    transactions: list[int] = []
+    write_once = store._write_once
+
+    async def counting(events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
+        transactions.append(len(events))
+        return await write_once(events)
+
+    store._write_once = counting  # type: ignore[method-assign]
+    answers = await asyncio.gather(*(store.write(batch) for batch in batches))
+
+    # One writer: the first batch alone, then the ones that waited, at most 2,000 events a group.
+    assert len(transactions) < len(batches)
+    assert max(transactions) <= 2000
+    accepted = [e for batch, not_new in zip(batches, answers, strict=True) for e in accepted_of(batch, not_new)]
+    distinct = {e.identity for batch in batches for e in batch}
+    assert sorted(e.identity for e in accepted) == sorted(distinct)  # each event new exactly once
+
+    # The same batches again: nothing is new, nothing changes.
+    again = await asyncio.gather(*(store.write(batch) for batch in batches))
+    assert all(accepted_of(batch, not_new) == [] for batch, not_new in zip(batches, again, strict=True))
+    async with database.transaction() as conn:
+        stored = await (await conn.execute("SELECT count(*), sum(input_tokens) FROM usage_events")).fetchone()
+        hourly = await (
+            await conn.execute("SELECT sum(requests), sum(input_tokens) FROM usage_rollup_hourly")
+        ).fetchone()
+        daily_key = await (await conn.execute("SELECT sum(requests) FROM usage_rollup_daily_key")).fetchone()
+    assert stored is not None and hourly is not None and daily_key is not None
+    expected_tokens = sum({e.identity: e.row[6] for e in accepted}.values())
+    assert (stored[0], stored[1]) == (len(distinct), expected_tokens)
+    assert (hourly[0], hourly[1]) == (len(distinct), expected_tokens)
+    assert daily_key[0] == len(distinct)
+
+
+async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_proceeds(database: Database) -> None:
+    factory = EventFactory(seed=32, models=MODELS)
+    events = valid_events(factory, 300)
+    store = UsageStore(database, late_threshold_seconds=300, writers=1)
+    write_once = store._write_once
+    calls = 0
+
+    async def failing_first(events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise psycopg.OperationalError("connection lost")
+        return await write_once(events)
+
+    store._write_once = failing_first  # type: ignore[method-assign]
+    first = await asyncio.gather(store.write(events[:100]), return_exceptions=True)
+    assert isinstance(first[0], psycopg.OperationalError)
+    assert await store.write(events[100:]) == set()
+    async with database.transaction() as conn:
+        row: Any = await (await conn.execute("SELECT count(*) FROM usage_events")).fetchone()
+    assert row[0] == 200
