@@ -758,6 +758,46 @@ def test_flushall_then_totals_are_rebuilt_exactly_from_the_database(budget_stack
     assert 'tally_budget_reconciles_total{trigger="not_loaded"} 1.0' in metrics
 
 
+def _commit_usage(conn: psycopg.Connection[Any], key_id: str, micros: int) -> tuple[str, int]:
+    """Commits one event and its rollup as ingest does; its request id and transaction id."""
+    at = datetime.now(UTC)
+    request_id = uuid.uuid4().hex
+    with conn.transaction():
+        conn.execute(
+            """INSERT INTO usage_events (event_time, request_id, key_id, provider, model, operation, cost_micros,
+                   cost_source) VALUES (%s, %s, %s, 'openai', 'gpt-4', 'chat.completions', %s, 'provider')""",
+            (at, request_id, key_id, micros),
+        )
+        add_rollup(conn, key_id, micros, provider="openai", bucket=at.replace(minute=0, second=0, microsecond=0))
+        row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+    assert row is not None
+    return request_id, int(row[0])
+
+
+def test_spend_settled_after_a_rebuild_that_counted_it_is_not_doubled(budget_stack: BudgetStack) -> None:
+    key_id = new_key(budget_stack, 50.00)
+    stub = budget_stack.stub()
+    with budget_stack.db() as conn:
+        request_id, transaction_id = _commit_usage(conn, key_id, 2 * USD)
+    # A rebuild runs before ingest's hand-off arrives: it reads the committed spend.
+    with budget_stack.http() as client:
+        assert client.post("/api/admin/budgets/reconcile", json={}).status_code == 200
+    request = settle_request(key_id, 2 * USD, request_id)
+    request.database_transaction_id = transaction_id
+    reply: budget_pb2.SettleResponse = stub.Settle(request, timeout=10, metadata=budget_stack.auth())
+    assert reply.remaining[0].committed_micros == 2 * USD  # not 4
+    # Later usage is counted as usual.
+    with budget_stack.db() as conn:
+        later_id, later_transaction = _commit_usage(conn, key_id, 3 * USD)
+    later = settle_request(key_id, 3 * USD, later_id)
+    later.database_transaction_id = later_transaction
+    reply = stub.Settle(later, timeout=10, metadata=budget_stack.auth())
+    assert reply.remaining[0].committed_micros == 5 * USD
+    with budget_stack.http() as client:
+        view = client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+    assert view["currentSpend"] == 5.0
+
+
 # ---------------------------------------------------------------------------------------------- failure policy
 @pytest.mark.parametrize("policy", ["open", "closed"])
 def test_unreachable_redis_answers_with_the_failure_policy_within_the_deadline(

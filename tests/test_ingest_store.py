@@ -75,7 +75,7 @@ async def test_waiting_batches_commit_together_and_each_event_counts_once(databa
     transactions: list[int] = []
     write_once = store._write_once
 
-    async def counting(events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
+    async def counting(events: Sequence[ValidEvent]) -> tuple[set[tuple[str, datetime]], int]:
         transactions.append(len(events))
         return await write_once(events)
 
@@ -85,13 +85,15 @@ async def test_waiting_batches_commit_together_and_each_event_counts_once(databa
     # One writer: the first batch alone, then the ones that waited, at most 2,000 events a group.
     assert len(transactions) < len(batches)
     assert max(transactions) <= 2000
-    accepted = [e for batch, not_new in zip(batches, answers, strict=True) for e in accepted_of(batch, not_new)]
+    accepted = [e for batch, w in zip(batches, answers, strict=True) for e in accepted_of(batch, w.not_new)]
+    # Batches committed together carry their group's transaction id.
+    assert len({w.transaction_id for w in answers}) == len(transactions)
     distinct = {e.identity for batch in batches for e in batch}
     assert sorted(e.identity for e in accepted) == sorted(distinct)  # each event new exactly once
 
     # The same batches again: nothing is new, nothing changes.
     again = await asyncio.gather(*(store.write(batch) for batch in batches))
-    assert all(accepted_of(batch, not_new) == [] for batch, not_new in zip(batches, again, strict=True))
+    assert all(accepted_of(batch, w.not_new) == [] for batch, w in zip(batches, again, strict=True))
     async with database.transaction() as conn:
         stored = await (await conn.execute("SELECT count(*), sum(input_tokens) FROM usage_events")).fetchone()
         hourly = await (
@@ -112,7 +114,7 @@ async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_proce
     write_once = store._write_once
     calls = 0
 
-    async def failing_first(events: Sequence[ValidEvent]) -> set[tuple[str, datetime]]:
+    async def failing_first(events: Sequence[ValidEvent]) -> tuple[set[tuple[str, datetime]], int]:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -122,7 +124,7 @@ async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_proce
     store._write_once = failing_first  # type: ignore[method-assign]
     first = await asyncio.gather(store.write(events[:100]), return_exceptions=True)
     assert isinstance(first[0], psycopg.OperationalError)
-    assert await store.write(events[100:]) == set()
+    assert (await store.write(events[100:])).not_new == set()
     async with database.transaction() as conn:
         row: Any = await (await conn.execute("SELECT count(*) FROM usage_events")).fetchone()
     assert row[0] == 200

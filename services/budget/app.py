@@ -262,7 +262,14 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                 violations.add(f"{path}actualCostMicros", "must not be negative")
             event_time = request.event_time.ToDatetime(UTC) if request.HasField("event_time") else None
             items.append(
-                SettleItem(request.request_id, key_id, request.actual_cost_micros, event_time, request.provider)
+                SettleItem(
+                    request.request_id,
+                    key_id,
+                    request.actual_cost_micros,
+                    event_time,
+                    request.provider,
+                    request.database_transaction_id,
+                )
             )
         violations.raise_if_any()
         return items

@@ -47,6 +47,8 @@ DEFAULT_PERIOD = PeriodKind.MONTHLY
 _DEADLINE_MARGIN = 0.02
 _MAX_CONFIG_CACHE = 200_000
 _RECONCILE_CHUNK = 200
+# A rebuild that has not finished after this long (it crashed) stops having settlements logged for it.
+_REBUILD_LOG_MS = 120_000
 # Most concurrent authorizations decided by one script run.
 AUTHORIZE_BATCH = 256
 # Most settlements per script run: a script blocks every other Redis client while it runs
@@ -78,6 +80,7 @@ class SettleItem:
     actual: int
     event_time: datetime | None
     provider: str
+    transaction_id: int = 0  # the database transaction that stored the usage (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,9 @@ class BudgetEngine:
                 field = "keyId" if len(items) == 1 else f"items[{index}].keyId"
                 raise InvalidArgument.field(field, "required when the request id has no reservation")
             item = items[index]
-            filled[index] = SettleItem(item.request_id, key_id, item.actual, item.event_time, item.provider)
+            filled[index] = SettleItem(
+                item.request_id, key_id, item.actual, item.event_time, item.provider, item.transaction_id
+            )
         return filled
 
     async def _settle_items(self, items: Sequence[SettleItem]) -> list[SettleOutcome]:
@@ -317,6 +322,7 @@ class BudgetEngine:
                         global_call,
                         provider_key(global_period, global_call.config.tz),
                         item.provider or "unknown",
+                        item.transaction_id,
                     )
                 )
             # Each chunk is one Redis call: the Redis wait allowed grows with them (still bounded
@@ -418,20 +424,28 @@ class BudgetEngine:
                 if key_scope(key_id) not in budgeted:
                     scopes.append((key_scope(key_id), None, self.default))
 
-            # Spend per scope, one query per distinct period.
+            # Spend per scope (one query per distinct period) and per provider, all read in one
+            # database snapshot. Settlements from the rebuild's start on are logged (ingest hands
+            # spend over after its commit, so spend can arrive before or after the snapshot holds
+            # it): the rewrite adds what the snapshot misses, and no counter gets anything twice.
+            await self.store.begin_rebuild(int(time.time() * 1000) + _REBUILD_LOG_MS)
             spend: dict[str, int] = {}
             groups: dict[tuple[str, str], list[str]] = {}
             for scope, _row, config in scopes:
                 groups.setdefault((config.period, config.tz), []).append(scope)
-            for (kind, tz), members in groups.items():
-                period = self.period(ScopeConfig(kind, tz), now)
-                key_ids = [uuid.UUID(s.removeprefix("key:")) for s in members if s != GLOBAL_SCOPE]
-                if GLOBAL_SCOPE in members:
-                    spend[GLOBAL_SCOPE] = (await self.repository.spend(period.start, None)).get(None, 0)
-                if key_ids:
-                    sums = await self.repository.spend(period.start, None, group_by="key_id", key_ids=key_ids)
-                    for key_uuid in key_ids:
-                        spend[key_scope(str(key_uuid))] = sums.get(key_uuid, 0)
+            async with self.repository.snapshot() as (conn, snapshot):
+                for (kind, tz), members in groups.items():
+                    period = self.period(ScopeConfig(kind, tz), now)
+                    key_ids = [uuid.UUID(s.removeprefix("key:")) for s in members if s != GLOBAL_SCOPE]
+                    if GLOBAL_SCOPE in members:
+                        spend[GLOBAL_SCOPE] = (await self.repository.spend(period.start, None, conn=conn)).get(None, 0)
+                    if key_ids:
+                        sums = await self.repository.spend(
+                            period.start, None, group_by="key_id", key_ids=key_ids, conn=conn
+                        )
+                        for key_uuid in key_ids:
+                            spend[key_scope(str(key_uuid))] = sums.get(key_uuid, 0)
+                providers = await self.repository.spend(global_period.start, None, group_by="provider", conn=conn)
 
             drift_global = 0
             drift_keys = 0
@@ -448,17 +462,17 @@ class BudgetEngine:
             for index in range(0, len(entries), _RECONCILE_CHUNK):
                 chunk = entries[index : index + _RECONCILE_CHUNK]
                 if index == 0:
-                    drift_global = await self.store.reconcile_chunk(chunk[:1])
-                    drift_keys += await self.store.reconcile_chunk(chunk[1:])
+                    drift_global = await self.store.reconcile_chunk(chunk[:1], snapshot)
+                    drift_keys += await self.store.reconcile_chunk(chunk[1:], snapshot)
                 else:
-                    drift_keys += await self.store.reconcile_chunk(chunk)
-            providers = await self.repository.spend(global_period.start, None, group_by="provider")
+                    drift_keys += await self.store.reconcile_chunk(chunk, snapshot)
             global_call = self.call(GLOBAL_SCOPE, global_config, now)
             await self.store.finish_reconcile(
                 now.isoformat(),
                 provider_key(global_period, global_config.tz),
                 global_call.expire_at,
                 {str(name): value for name, value in providers.items() if value},
+                snapshot,
             )
             self._configs.clear()
             for scope, _row, config in scopes:

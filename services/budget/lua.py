@@ -49,6 +49,29 @@ end
 local function expire_at(key, at)
   if at ~= '0' then redis.call('EXPIREAT', key, at) end
 end
+-- A PostgreSQL snapshot (pg_current_snapshot() as text, "xmin:xmax:xip,xip,...") as
+-- {xmin, xmax, set of in-progress xids}; nil for none.
+local function parse_snap(text)
+  if not text then return nil end
+  local xmin, xmax, xip = string.match(text, '^(%d+):(%d+):(.*)$')
+  if not xmin then return nil end
+  local running = {}
+  for x in string.gmatch(xip, '%d+') do running[x] = true end
+  return {tonumber(xmin), tonumber(xmax), running}
+end
+-- Whether the transaction `xid` (text; '0' = unknown) had committed in the snapshot, so that
+-- sums read in it include its rows.
+local function visible(snap, xid)
+  if not snap or xid == '0' then return false end
+  local x = tonumber(xid)
+  if x < snap[1] then return true end
+  if x >= snap[2] then return false end
+  return not snap[3][xid]
+end
+-- A settlement logged while a rebuild runs: "xid|amount|key counter|global counter|provider hash|provider".
+local function parse_logged(entry)
+  return string.match(entry, '^(%d+)|(%-?%d+)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
 """
 
 # The request-path scripts take many items per call (concurrent Authorize calls coalesced, see
@@ -134,11 +157,18 @@ return out
 )
 
 # Settle many items.
-# KEYS: loaded, rexp, then the key table (config, counter, reservation and provider keys)
-# ARGV: default per, default tz, settled marker ttl ms, items (JSON array of arrays of 16 values:
+# KEYS: loaded, rexp, rebuild, rebuild log, then the key table (config, counter, reservation and
+#       provider keys)
+# ARGV: default per, default tz, settled marker ttl ms, items (JSON array of arrays of 17 values:
 #       request id, key id, actual, key cfg #, global cfg #, key counter #, global counter #,
 #       reservation #, provider hash #, key per, key tz, global per, global tz,
-#       key counter expire-at, global counter expire-at, provider)
+#       key counter expire-at, global counter expire-at, provider, database transaction id)
+# Counter rebuilds (RECONCILE) read the database in one snapshot, kept in `rebuild`: the spend of
+# a transaction visible in it is already in the rebuilt global and provider counters and in the
+# counters of the keys rebuilt (those with a budget, or disabled), so it is not added again
+# (ingest hands spend over after its commit, so it can arrive after the rebuild that counted it).
+# While a rebuild runs, every settlement it may not have counted is logged, so the rebuild adds
+# what arrived between its snapshot and its rewrite of each counter.
 # -> {0} not loaded | {1, item...} where item is
 #    {1, kper, ktz, gper, gtz} stale | {2, klim, ks, kr, glim, gs, gr} already settled |
 #    {3, overspend, klim, ks, kr, glim, gs, gr, ks before, gs before, had reservation (1/0)}
@@ -149,10 +179,13 @@ SETTLE = (
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local dper, dtz, settled_ttl = ARGV[1], ARGV[2], ARGV[3]
 local items = cjson.decode(ARGV[4])
+local rb = redis.call('HMGET', KEYS[3], 'until', 'snap')
+local snap = parse_snap(rb[2])
+local logging = rb[1] and tonumber(rb[1]) > now_ms()
 local out = {1}
 for i, it in ipairs(items) do
   local kc, gc, rk, ph = KEYS[it[6]], KEYS[it[7]], KEYS[it[8]], KEYS[it[9]]
-  local kper, ktz, klim = cfgc(KEYS[it[4]], dper, dtz)
+  local kper, ktz, klim, kdis = cfgc(KEYS[it[4]], dper, dtz)
   local gper, gtz, glim = cfgc(KEYS[it[5]], dper, dtz)
   local res
   if kper ~= it[10] or ktz ~= it[11] or gper ~= it[12] or gtz ~= it[13] then
@@ -178,14 +211,19 @@ for i, it in ipairs(items) do
       if actual > reserved then over = actual - reserved end
       local kb = counters(kc)
       local gb = counters(gc)
-      redis.call('HINCRBY', kc, 's', amount)
-      redis.call('HINCRBY', gc, 's', amount)
+      local xid = it[17]
+      local counted = visible(snap, xid)
+      if not counted or not (klim >= 0 or kdis) then redis.call('HINCRBY', kc, 's', amount) end
+      if not counted then
+        redis.call('HINCRBY', gc, 's', amount)
+        if it[16] ~= '' then redis.call('HINCRBY', ph, it[16], amount) end
+        if logging then
+          redis.call('RPUSH', KEYS[4], xid .. '|' .. amount .. '|' .. kc .. '|' .. gc .. '|' .. ph .. '|' .. it[16])
+        end
+      end
       expire_at(kc, it[14])
       expire_at(gc, it[15])
-      if it[16] ~= '' then
-        redis.call('HINCRBY', ph, it[16], amount)
-        expire_at(ph, it[15])
-      end
+      if it[16] ~= '' then expire_at(ph, it[15]) end
       redis.call('HSET', rk, 'st', 's', 'k', it[2], 'a', amount)
       if r[1] then redis.call('HDEL', rk, 'c1', 'c2', 'x') end
       redis.call('PEXPIRE', rk, settled_ttl)
@@ -268,30 +306,69 @@ return before
 # KEYS: cfg1, counter1, cfg2, counter2, ...
 # ARGV: per scope 6 values: limit ('' = unlimited), per, tz, disabled ('1'/'0'), spend, counter expire-at
 # -> {sum of |redis - database| of settled spend, scopes}
-RECONCILE = """
+RECONCILE = (
+    _HELPERS
+    + """
+-- KEYS: rebuild, rebuild log, then (config, counter) pairs. ARGV: the rebuild's snapshot, then
+-- 6 per pair: limit, per, tz, disabled, spend in the snapshot, counter expire-at.
+-- A counter becomes its spend in the snapshot plus what was settled since that the snapshot
+-- does not hold (logged by SETTLE). From here on, SETTLE adds nothing the snapshot holds.
+redis.call('HSET', KEYS[1], 'snap', ARGV[1])
+local snap = parse_snap(ARGV[1])
+local extra = {}
+for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local xid, amount, kc, gc = parse_logged(entry)
+  if xid and not visible(snap, xid) then
+    extra[kc] = (extra[kc] or 0) + tonumber(amount)
+    extra[gc] = (extra[gc] or 0) + tonumber(amount)
+  end
+end
 local drift = 0
-local n = #KEYS / 2
+local n = (#KEYS - 2) / 2
 for i = 1, n do
-  local c, k = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 6 * (i - 1)
+  local c, k = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local a = 1 + 6 * (i - 1)
   redis.call('DEL', c)
   redis.call('HSET', c, 'per', ARGV[a + 2], 'tz', ARGV[a + 3])
   if ARGV[a + 1] ~= '' then redis.call('HSET', c, 'lim', ARGV[a + 1]) end
   if ARGV[a + 4] == '1' then redis.call('HSET', c, 'dis', '1') end
   local before = tonumber(redis.call('HGET', k, 's')) or 0
-  local after = tonumber(ARGV[a + 5])
+  local after = tonumber(ARGV[a + 5]) + (extra[k] or 0)
   drift = drift + math.abs(before - after)
-  redis.call('HSET', k, 's', ARGV[a + 5])
+  redis.call('HSET', k, 's', string.format('%d', after))
   if ARGV[a + 6] ~= '0' then redis.call('EXPIREAT', k, ARGV[a + 6]) end
 end
 return {drift, n}
 """
+)
 
-# KEYS: loaded, provider hash. ARGV: marker value, provider hash expire-at, provider, spend, ...
-FINISH_RECONCILE = """
+# KEYS: loaded, provider hash, rebuild, rebuild log.
+# ARGV: marker value, provider hash expire-at, the rebuild's snapshot, then provider, spend, ...
+# The provider hash becomes its spend in the snapshot plus what was settled since that the
+# snapshot does not hold; the rebuild ends (SETTLE stops logging).
+FINISH_RECONCILE = (
+    _HELPERS
+    + """
+local snap = parse_snap(ARGV[3])
 redis.call('DEL', KEYS[2])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-if ARGV[2] ~= '0' and #ARGV > 2 then redis.call('EXPIREAT', KEYS[2], ARGV[2]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for _, entry in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do
+  local xid, amount, _, _, ph, provider = parse_logged(entry)
+  if xid and ph == KEYS[2] and provider ~= '' and not visible(snap, xid) then
+    redis.call('HINCRBY', KEYS[2], provider, amount)
+  end
+end
+if ARGV[2] ~= '0' and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIREAT', KEYS[2], ARGV[2]) end
+redis.call('HDEL', KEYS[3], 'until')
+redis.call('DEL', KEYS[4])
 redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+)
+
+# KEYS: rebuild, rebuild log. ARGV: until (ms). A rebuild starts: SETTLE logs until it ends or `until`.
+BEGIN_REBUILD = """
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'until', ARGV[1])
 return 1
 """

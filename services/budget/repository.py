@@ -4,7 +4,8 @@ period totals, and exact spend sums over the usage rollups and raw events."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -151,9 +152,11 @@ class BudgetRepository:
         *,
         group_by: str | None = None,
         key_ids: Sequence[uuid.UUID] | None = None,
+        conn: AsyncConnection[Any] | None = None,
     ) -> dict[Any, int]:
         """Exact settled spend in [start, end): whole hours from the hourly rollup, edges from raw
-        events. `group_by` is None (one total under key None), 'key_id' or 'provider'."""
+        events. `group_by` is None (one total under key None), 'key_id' or 'provider'. With `conn`,
+        the query runs in that connection's transaction (e.g. one snapshot for several sums)."""
         assert group_by in (None, "key_id", "provider")
         column = group_by or "NULL::text"
         key_filter = "" if key_ids is None else " AND key_id = ANY(%(keys)s)"
@@ -175,8 +178,24 @@ class BudgetRepository:
                     f"AND cost_micros IS NOT NULL{key_filter} GROUP BY 1"
                 )
         query = f"SELECT g, sum(s)::bigint AS s FROM ({' UNION ALL '.join(parts)}) AS pieces GROUP BY g"  # noqa: S608
-        rows = await self._db.fetch_all(query, params)
+        if conn is None:
+            rows = await self._db.fetch_all(query, params)
+        else:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(query, params)
+                rows = await cur.fetchall()
         return {row["g"]: int(row["s"] or 0) for row in rows}
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[tuple[AsyncConnection[Any], str]]:
+        """A read-only transaction on one snapshot, and that snapshot (`pg_current_snapshot()`
+        as text, xmin:xmax:xip,...): every spend sum read in it holds exactly the transactions
+        visible in the snapshot."""
+        async with self._db.repeatable_read() as conn:
+            cursor = await conn.execute("SELECT pg_current_snapshot()::text")
+            row = await cursor.fetchone()
+            assert row is not None
+            yield conn, str(row[0])
 
     async def spike_windows(self, start: datetime, window: timedelta, windows: int) -> list[int]:
         """Spend of `windows` consecutive windows of the hourly rollup from `start` (the last may be partial)."""

@@ -20,6 +20,11 @@ from tally.runtime.redis import RedisClient
 
 PREFIX = "{tally:budget}:"
 LOADED_KEY = PREFIX + "loaded"
+# A counter rebuild from the database in progress: hash of `until` (ms; a crashed rebuild stops
+# counting as one then) and `snap` (the snapshot of the last rebuild); and the settlements made
+# while one runs (see lua.SETTLE and lua.RECONCILE).
+REBUILD_KEY = PREFIX + "rebuild"
+REBUILD_LOG_KEY = PREFIX + "rebuild:log"
 RESERVATION_PREFIX = PREFIX + "r:"
 EXPIRY_KEY = PREFIX + "rexp"
 EVENTS_KEY = PREFIX + "events"
@@ -98,6 +103,7 @@ class SettleEntry:
     global_: ScopeCall
     provider_hash: str
     provider: str
+    transaction_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,13 +155,13 @@ def _stale(reply: list[Any]) -> tuple[ScopeConfig, ScopeConfig]:
 
 
 class _KeyTable:
-    """KEYS of a batch script: the two fixed keys, then each distinct key once; items refer to
+    """KEYS of a batch script: the fixed keys, then each distinct key once; items refer to
     keys by their (1-based, Lua) index."""
 
     __slots__ = ("index", "keys")
 
-    def __init__(self) -> None:
-        self.keys: list[str] = [LOADED_KEY, EXPIRY_KEY]
+    def __init__(self, fixed: tuple[str, ...] = (LOADED_KEY, EXPIRY_KEY)) -> None:
+        self.keys: list[str] = list(fixed)
         self.index: dict[str, int] = {}
 
     def __call__(self, key: str) -> int:
@@ -228,6 +234,7 @@ class BudgetStore:
         self._set_scope = redis.register_script(lua.SET_SCOPE)
         self._reconcile = redis.register_script(lua.RECONCILE)
         self._finish = redis.register_script(lua.FINISH_RECONCILE)
+        self._begin_rebuild = redis.register_script(lua.BEGIN_REBUILD)
 
     @property
     def is_cluster(self) -> bool:
@@ -315,7 +322,7 @@ class BudgetStore:
         return results
 
     def _settle_call(self, entries: Sequence[SettleEntry], settled_ttl_ms: int) -> tuple[list[str], list[Any]]:
-        table = _KeyTable()
+        table = _KeyTable((LOADED_KEY, EXPIRY_KEY, REBUILD_KEY, REBUILD_LOG_KEY))
         items = [
             (
                 entry.request_id,
@@ -334,6 +341,7 @@ class BudgetStore:
                 entry.key.expire_text,
                 entry.global_.expire_text,
                 entry.provider,
+                str(entry.transaction_id),
             )
             for entry in entries
         ]
@@ -443,10 +451,18 @@ class BudgetStore:
     async def is_loaded(self) -> bool:
         return bool(await self.redis.exists(LOADED_KEY))
 
-    async def reconcile_chunk(self, scopes: Sequence[tuple[str, int | None, ScopeCall, bool, int]]) -> int:
-        """Rewrites (scope, limit, call, disabled, spend) entries; returns the drift in micro-units."""
-        keys: list[str] = []
-        args: list[str | int] = []
+    async def begin_rebuild(self, until_ms: int) -> None:
+        """Marks a counter rebuild as running (until it finishes, or `until_ms` at the latest):
+        settlements from now on are logged for it."""
+        await self._begin_rebuild(keys=[REBUILD_KEY, REBUILD_LOG_KEY], args=[until_ms])
+
+    async def reconcile_chunk(
+        self, scopes: Sequence[tuple[str, int | None, ScopeCall, bool, int]], snapshot: str
+    ) -> int:
+        """Rewrites (scope, limit, call, disabled, spend) entries, the spend read in the database
+        `snapshot`; returns the drift in micro-units."""
+        keys: list[str] = [REBUILD_KEY, REBUILD_LOG_KEY]
+        args: list[str | int] = [snapshot]
         for scope, limit, call, disabled, spend in scopes:
             keys += [config_key(scope), call.counter]
             args += [
@@ -457,15 +473,15 @@ class BudgetStore:
                 spend,
                 call.expire_at,
             ]
-        if not keys:
+        if len(keys) == 2:
             return 0
         reply: list[Any] = await self._reconcile(keys=keys, args=args)
         return int(reply[0])
 
     async def finish_reconcile(
-        self, marker: str, provider_hash: str, expire_at: int, providers: dict[str, int]
+        self, marker: str, provider_hash: str, expire_at: int, providers: dict[str, int], snapshot: str
     ) -> None:
-        args: list[str | int] = [marker, expire_at]
+        args: list[str | int] = [marker, expire_at, snapshot]
         for name, spend in providers.items():
             args += [name, spend]
-        await self._finish(keys=[LOADED_KEY, provider_hash], args=args)
+        await self._finish(keys=[LOADED_KEY, provider_hash, REBUILD_KEY, REBUILD_LOG_KEY], args=args)

@@ -54,6 +54,7 @@ class Spend:
     model: str
     tokens: int
     cost_micros: int
+    transaction_id: int  # of the database transaction that stored the event
 
 
 @dataclass
@@ -68,10 +69,10 @@ class Outcome:
     arrived: float = field(default_factory=time.time)
 
     @classmethod
-    def of(cls, accepted: Sequence[ValidEvent], duplicate: int, rejected: int) -> Outcome:
+    def of(cls, accepted: Sequence[ValidEvent], duplicate: int, rejected: int, transaction_id: int = 0) -> Outcome:
         spend = [
             Spend(e.request_id, e.event_time, e.epoch_seconds, e.epoch_nanos, e.key_text, e.provider, e.model,
-                  e.tokens, e.cost_micros or 0)
+                  e.tokens, e.cost_micros or 0, transaction_id)
             for e in accepted
         ]  # fmt: skip
         unpriced = sum(1 for e in accepted if e.unpriced)
@@ -257,6 +258,7 @@ class AfterCommit:
                     key_id=spend.key_id,
                     actual_cost_micros=spend.cost_micros,
                     provider=spend.provider,
+                    database_transaction_id=spend.transaction_id,
                 )
                 item.event_time.seconds = spend.epoch_seconds
                 item.event_time.nanos = spend.epoch_nanos

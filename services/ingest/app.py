@@ -67,7 +67,8 @@ class Ingestor:
                 rejected += 1
                 result = results[index]
                 result.status, result.reason, result.field = "rejected", exc.reason, exc.field
-        not_new = await self._store.write([v for _, v in candidates])
+        written = await self._store.write([v for _, v in candidates])
+        not_new = written.not_new
         accepted: list[ValidEvent] = []
         seen: set[tuple[str, datetime]] = set()
         for index, valid in candidates:
@@ -86,7 +87,7 @@ class Ingestor:
         if accepted:
             LAG.observe(max(0.0, time.time() - max(v.epoch_seconds for v in accepted)))
         self._compactor.mark(v.epoch_seconds for v in accepted)
-        self._after.submit(Outcome.of(accepted, duplicate, rejected))
+        self._after.submit(Outcome.of(accepted, duplicate, rejected, written.transaction_id))
         return ingest_pb2.RecordUsageBatchResult(
             accepted=len(accepted), duplicate=duplicate, rejected=rejected, results=results
         )

@@ -110,10 +110,20 @@ async def prepare_connection(conn: AsyncConnection[Any]) -> None:
 Identity = tuple[str, datetime]
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a write did: the identities not stored now (stored before), and the id of the
+    transaction that committed the batch (budget uses it to tell spend a counter rebuild from
+    the database already holds)."""
+
+    not_new: set[Identity]
+    transaction_id: int
+
+
 @dataclass
 class _Waiting:
     events: Sequence[ValidEvent]
-    done: asyncio.Future[set[Identity]]
+    done: asyncio.Future[Written]
     not_new: set[Identity] = field(default_factory=set)
 
 
@@ -128,12 +138,12 @@ class UsageStore:
         self._active = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def write(self, events: Sequence[ValidEvent]) -> set[Identity]:
+    async def write(self, events: Sequence[ValidEvent]) -> Written:
         """Stores the events; returns the identities not stored now (already stored before).
         An identity given twice in `events` is stored once; telling the copies apart is the
         caller's (the first is new unless returned)."""
         if not events:
-            return set()
+            return Written(set(), 0)
         waiting = _Waiting(events, asyncio.get_running_loop().create_future())
         self._queue.append(waiting)
         if self._active < self._writers:
@@ -151,7 +161,7 @@ class UsageStore:
                 if not group:
                     continue
                 try:
-                    db_not_new = await self._write_group(group)
+                    db_not_new, transaction_id = await self._write_group(group)
                 except BaseException as exc:
                     for waiting in group:
                         if not waiting.done.done():
@@ -163,7 +173,7 @@ class UsageStore:
                     if db_not_new:
                         waiting.not_new |= {e.identity for e in waiting.events} & db_not_new
                     if not waiting.done.done():
-                        waiting.done.set_result(waiting.not_new)
+                        waiting.done.set_result(Written(waiting.not_new, transaction_id))
         finally:
             self._active -= 1
 
@@ -184,7 +194,7 @@ class UsageStore:
             count += len(waiting.events)
         return group
 
-    async def _write_group(self, group: list[_Waiting]) -> set[Identity]:
+    async def _write_group(self, group: list[_Waiting]) -> tuple[set[Identity], int]:
         """Writes the group in one transaction. An identity in several batches of the group is
         written with the first; the later batches are told it was not new."""
         if len(group) == 1:
@@ -210,11 +220,16 @@ class UsageStore:
                 log.warning("batch write retried after a lock conflict", extra={"attempt": attempt})
         raise AssertionError("unreachable")
 
-    async def _write_once(self, events: Sequence[ValidEvent]) -> set[Identity]:
+    async def _write_once(self, events: Sequence[ValidEvent]) -> tuple[set[Identity], int]:
+        """Returns the identities not inserted and the transaction's id."""
         async with self._db.transaction() as conn, conn.cursor() as cur:
             async with cur.copy(self._copy_sql) as copy:
                 copy.set_types(list(COPY_TYPES))
                 for event in events:
                     await copy.write_row(event.row)
             await cur.execute(self._batch_sql)
-            return {(row[0], row[1]) for row in await cur.fetchall()}
+            not_new = {(row[0], row[1]) for row in await cur.fetchall()}
+            await cur.execute("SELECT pg_current_xact_id()::text")
+            row = await cur.fetchone()
+            assert row is not None
+            return not_new, int(row[0])

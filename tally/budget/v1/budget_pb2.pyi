@@ -223,6 +223,7 @@ class SettleRequest(_message.Message):
     ACTUAL_COST_MICROS_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    DATABASE_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id given to Authorize (a settle without a reservation just records spend)."""
     key_id: _builtins.str
@@ -231,6 +232,11 @@ class SettleRequest(_message.Message):
     """Actual cost in micro-units."""
     provider: _builtins.str
     """Provider of the call (for the provider breakdown)."""
+    database_transaction_id: _builtins.int
+    """The database transaction that committed this usage (set by ingest; 0 when unknown). A
+    rebuild of the counters from the database already holds the spend of every transaction
+    visible in its snapshot, so a settle of such a transaction adds no spend a second time.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the usage happened (chooses the budget period)."""
@@ -243,10 +249,11 @@ class SettleRequest(_message.Message):
         actual_cost_micros: _builtins.int = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         provider: _builtins.str = ...,
+        database_transaction_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_cost_micros", b"actual_cost_micros", "event_time", b"event_time", "key_id", b"key_id", "provider", b"provider", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_cost_micros", b"actual_cost_micros", "database_transaction_id", b"database_transaction_id", "event_time", b"event_time", "key_id", b"key_id", "provider", b"provider", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

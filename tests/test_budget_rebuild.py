@@ -1,0 +1,117 @@
+"""Counter rebuilds from the database while spend is being settled, on the budget store's
+scripts against a real Redis: no spend counted twice, none lost. Ingest hands spend to budget
+after its commit, so a settlement can arrive after a rebuild whose snapshot already held it, or
+between a rebuild's snapshot and its rewrite of a counter. (The same through the service:
+tests/test_budget.py, test_spend_settled_after_a_rebuild_that_counted_it_is_not_doubled.)"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.budget.store import (
+    PREFIX,
+    REBUILD_LOG_KEY,
+    BudgetStore,
+    ScopeCall,
+    ScopeConfig,
+    SettleEntry,
+    key_scope,
+)
+from tally.devstack import Postgres, Redis, free_port
+
+USD = 1_000_000
+GLOBAL = "global"
+MONTHLY = ScopeConfig("monthly", "UTC")
+PROVIDERS = PREFIX + "p:monthly:UTC:0"
+
+
+@pytest.fixture
+async def store(infra: tuple[Postgres, Redis, Path]) -> AsyncIterator[BudgetStore]:
+    server = Redis(infra[2] / f"rebuild-{secrets.token_hex(3)}", free_port())
+    server.start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        yield BudgetStore(client, default=MONTHLY)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+def _call(scope: str) -> ScopeCall:
+    return ScopeCall(MONTHLY, f"{PREFIX}c:{scope}:monthly:UTC:0", 0)
+
+
+async def _rebuild(
+    store: BudgetStore, snapshot: str, key_id: str, key_spend: int, global_spend: int, providers: dict[str, int]
+) -> None:
+    await store.begin_rebuild(int(time.time() * 1000) + 60_000)
+    await store.reconcile_chunk([(GLOBAL, None, _call(GLOBAL), False, global_spend)], snapshot)
+    await store.reconcile_chunk([(key_scope(key_id), 100 * USD, _call(key_scope(key_id)), False, key_spend)], snapshot)
+    await store.finish_reconcile("now", PROVIDERS, 0, providers, snapshot)
+
+
+async def _settle(store: BudgetStore, key_id: str, amount: int, transaction_id: int, provider: str = "p") -> None:
+    entry = SettleEntry(
+        uuid.uuid4().hex,
+        key_id,
+        amount,
+        _call(key_scope(key_id)),
+        _call(GLOBAL),
+        PROVIDERS,
+        provider,
+        transaction_id,
+    )
+    (result,) = await store.settle_many([entry], settled_ttl_ms=60_000)
+    assert result.key is not None
+
+
+async def _spent(store: BudgetStore, scope: str) -> int:
+    return int(await store.redis.hget(_call(scope).counter, "s") or 0)
+
+
+async def test_settlements_around_a_rebuild_count_exactly_once(store: BudgetStore) -> None:
+    budgeted, unbudgeted = str(uuid.uuid4()), str(uuid.uuid4())
+    # The first rebuild: the database (snapshot 100:100:, every transaction below 100 committed) has nothing.
+    await _rebuild(store, "100:100:", budgeted, 0, 0, {})
+
+    # Transaction 90 committed before that snapshot: the rebuild counted it already.
+    await _settle(store, budgeted, 7, 90)
+    assert (await _spent(store, key_scope(budgeted)), await _spent(store, GLOBAL)) == (0, 0)
+    # ... except in counters the rebuild did not rewrite (a key with no budget).
+    await _settle(store, unbudgeted, 5, 90)
+    assert await _spent(store, key_scope(unbudgeted)) == 5
+    # Transaction 150 is newer than the snapshot: counted.
+    await _settle(store, budgeted, 11, 150)
+    assert (await _spent(store, key_scope(budgeted)), await _spent(store, GLOBAL)) == (11, 11)
+
+    # A second rebuild, its snapshot 210:220:212 (below 210 committed, 212 still running, 220 on not begun).
+    snapshot = "210:220:212"
+    await store.begin_rebuild(int(time.time() * 1000) + 60_000)
+    await _settle(store, budgeted, 100, 205)  # in the snapshot
+    await _settle(store, budgeted, 1_000, 212)  # running at the snapshot: not in it
+    await _settle(store, budgeted, 10_000, 0)  # a direct settle (no transaction): not in the database
+    # The database in the snapshot: the key's 11 + 7 + 100 (transactions 150, 90 and 205), and
+    # globally also the other key's 5 (transaction 90).
+    key_db = 11 + 7 + 100
+    global_db = key_db + 5
+    await store.reconcile_chunk([(GLOBAL, None, _call(GLOBAL), False, global_db)], snapshot)
+    await store.reconcile_chunk([(key_scope(budgeted), 100 * USD, _call(key_scope(budgeted)), False, key_db)], snapshot)
+    assert await _spent(store, key_scope(budgeted)) == key_db + 1_000 + 10_000
+    await _settle(store, budgeted, 100_000, 208)  # in the snapshot, settled after the rewrite
+    await _settle(store, budgeted, 1_000_000, 230)  # after the snapshot
+    await store.finish_reconcile("now", PROVIDERS, 0, {"p": key_db}, snapshot)
+
+    expected = key_db + 1_000 + 10_000 + 1_000_000
+    assert (await _spent(store, key_scope(budgeted)), await _spent(store, GLOBAL)) == (expected, expected + 5)
+    assert int(await store.redis.hget(PROVIDERS, "p") or 0) == expected
+    assert await store.redis.llen(REBUILD_LOG_KEY) == 0  # the rebuild is over: nothing logged any more
+    await _settle(store, budgeted, 3, 231)
+    assert await store.redis.llen(REBUILD_LOG_KEY) == 0
+    assert await _spent(store, key_scope(budgeted)) == expected + 3
