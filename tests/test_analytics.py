@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from services.analytics import model
+from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.devstack import Postgres, Redis, Suite
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tally.usage.histogram import UPPER_BOUNDS_MS, bucket_of
@@ -193,6 +194,31 @@ def test_bad_parameters_are_400s_naming_the_field(astack: AnalyticsStack) -> Non
 
 
 # ------------------------------------------------------------------------------------ live
+def test_live_active_requests_are_the_reservations_in_flight(astack: AnalyticsStack) -> None:
+    """activeRequests counts what Authorize reserved and nothing settled or released yet."""
+    metadata = [("authorization", f"Bearer {astack.env['ADMIN_MASTER_KEY']}")]
+    key_id = str(uuid.uuid4())
+    request_ids = [uuid.uuid4().hex for _ in range(3)]
+    with grpc.insecure_channel(astack.env["BUDGET_ADDRESS"]) as channel:
+        stub = budget_pb2_grpc.BudgetServiceStub(channel)
+        for request_id in request_ids:
+            stub.Authorize(
+                budget_pb2.AuthorizeRequest(key_id=key_id, request_id=request_id, estimated_cost_micros=1000),
+                metadata=metadata,
+                timeout=10,
+            )
+        assert astack.get("/analytics/usage/live")["realTimeMetrics"]["activeRequests"] == 3
+        stub.Release(budget_pb2.ReleaseRequest(request_id=request_ids[0]), metadata=metadata, timeout=10)
+        stub.Settle(
+            budget_pb2.SettleRequest(request_id=request_ids[1], key_id=key_id, actual_cost_micros=0),
+            metadata=metadata,
+            timeout=10,
+        )
+        assert astack.get("/analytics/usage/live")["realTimeMetrics"]["activeRequests"] == 1
+        stub.Release(budget_pb2.ReleaseRequest(request_id=request_ids[2]), metadata=metadata, timeout=10)
+    assert astack.get("/analytics/usage/live")["realTimeMetrics"]["activeRequests"] == 0
+
+
 def test_live_usage_matches_the_events(astack: AnalyticsStack, dataset: Dataset) -> None:
     live = astack.get("/analytics/usage/live")
     now = datetime.fromisoformat(live["timestamp"].replace("Z", "+00:00"))

@@ -105,16 +105,18 @@ class AnalyticsReads:
     # ================================================================== live
     async def live_usage(self, now: datetime | None = None) -> pb.LiveUsage:
         """Current UTC minute and hour and the current day in the configured timezone, from the live
-        counters ingest writes after each commit (`tally.usage.live`). `activeRequests` is 0: the
-        budget service exposes no count of open reservations yet."""
+        counters ingest writes after each commit (`tally.usage.live`). `activeRequests` is the
+        number of reservations in flight (authorized, not yet settled, released or expired) as
+        the budget service counts them; 0 when it cannot answer."""
         now = now or datetime.now(UTC)
+        active = asyncio.ensure_future(self._open_reservations())
         pipe = self._redis.pipeline(transaction=False)
         for key in (live.minute_key(now), live.hour_key(now), live.day_key(now, self._zone)):
             pipe.hgetall(key)
         minute, hour, day = ({k.decode(): int(v) for k, v in raw.items()} for raw in await pipe.execute())
         data = pb.LiveUsage(
             real_time_metrics=pb.RealTimeMetrics(
-                active_requests=0,
+                active_requests=await active,
                 requests_this_minute=minute.get("requests", 0),
                 requests_this_hour=hour.get("requests", 0),
                 requests_today=day.get("requests", 0),
@@ -374,6 +376,19 @@ class AnalyticsReads:
             projected_monthly_spend=usd(daily_rate * month_days),
             on_track_for_budget=projected_period <= budget.max_budget_micros,
         )
+
+    async def _open_reservations(self) -> int:
+        if self._budget is None:
+            return 0
+        try:
+            reply = await self._budget.GetOpenReservations(
+                budget_pb2.GetOpenReservationsRequest(),
+                timeout=self._settings.analytics_budget_timeout_seconds,
+                metadata=call_metadata(self._settings.admin_master_key),
+            )
+        except grpc.aio.AioRpcError:
+            return 0  # the live counters answer without it
+        return int(reply.open)
 
     async def _key_budget(self, key_id: str) -> BudgetView | None:
         """The key's budget from the budget service; None when it has none or cannot answer."""

@@ -327,6 +327,12 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             raise Unavailable("the budget store is unreachable", metadata={"dependency": "redis"}) from exc
         return budget_pb2.ReleaseResponse(released=released)
 
+    async def GetOpenReservations(
+        self, request: budget_pb2.GetOpenReservationsRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.GetOpenReservationsResponse:
+        count, reserved = await self._store_call(self._engine.open_reservations())
+        return budget_pb2.GetOpenReservationsResponse(open=count, reserved_micros=reserved)
+
     async def WatchBudgetEvents(
         self, request: budget_pb2.WatchBudgetEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[budget_pb2.WatchBudgetEventsResponse]:

@@ -382,6 +382,12 @@ class BudgetEngine:
             todo = retry
         raise Unavailable("the budget configuration kept changing during the call; retry")
 
+    async def open_reservations(self) -> tuple[int, int]:
+        """(open reservations, micro-units they hold against the global budget's current period)."""
+        now = datetime.now(UTC)
+        call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), now)
+        return await self._bounded(self.store.open_reservations(call.counter, int(now.timestamp() * 1000)))
+
     async def release(self, request_id: str) -> bool:
         return await self._bounded(self.store.release(request_id))
 

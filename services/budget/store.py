@@ -448,6 +448,15 @@ class BudgetStore:
         else:
             await self.redis.hdel(config_key(scope), "dis")
 
+    async def open_reservations(self, global_counter: str, now_ms: int) -> tuple[int, int]:
+        """Reservations not yet settled, released or expired (by their expiry time, so ones a
+        sweep has not reached yet do not count), and what the global counter holds reserved."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(EXPIRY_KEY, f"({now_ms}", "+inf")
+            pipe.hget(global_counter, "r")
+            count, reserved = await pipe.execute()
+        return int(count), int(reserved or 0)
+
     async def is_loaded(self) -> bool:
         return bool(await self.redis.exists(LOADED_KEY))
 

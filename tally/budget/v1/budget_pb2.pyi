@@ -468,11 +468,54 @@ class WatchBudgetEventsResponse(_message.Message):
 Global___WatchBudgetEventsResponse: _TypeAlias = WatchBudgetEventsResponse  # noqa: Y015
 
 @_typing.final
-class GetBudgetStatusRequest(_message.Message):
+class GetOpenReservationsRequest(_message.Message):
     """---------------------------------------------------------------- budget status (contract)
 
-    GET /budgets/status.
+    Reservations in flight.
     """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpenReservationsRequest: _TypeAlias = GetOpenReservationsRequest  # noqa: Y015
+
+@_typing.final
+class GetOpenReservationsResponse(_message.Message):
+    """Reservations in flight now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    RESERVED_MICROS_FIELD_NUMBER: _builtins.int
+    open: _builtins.int
+    """Reservations not yet settled, released or expired."""
+    reserved_micros: _builtins.int
+    """Micro-units they hold against the global budget in its current period."""
+    def __init__(
+        self,
+        *,
+        open: _builtins.int = ...,
+        reserved_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["open", b"open", "reserved_micros", b"reserved_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpenReservationsResponse: _TypeAlias = GetOpenReservationsResponse  # noqa: Y015
+
+@_typing.final
+class GetBudgetStatusRequest(_message.Message):
+    """GET /budgets/status."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -58,6 +58,11 @@ class BudgetServiceStub:
                 request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.GetOpenReservations = channel.unary_unary(
+                '/tally.budget.v1.BudgetService/GetOpenReservations',
+                request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.GetOpenReservationsRequest.SerializeToString,
+                response_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.GetOpenReservationsResponse.FromString,
+                _registered_method=True)
         self.WatchBudgetEvents = channel.unary_stream(
                 '/tally.budget.v1.BudgetService/WatchBudgetEvents',
                 request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.WatchBudgetEventsRequest.SerializeToString,
@@ -163,6 +168,14 @@ class BudgetServiceServicer:
 
     def Release(self, request, context):
         """Gives back a reservation whose request did not happen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOpenReservations(self, request, context):
+        """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
+        what they hold against the global budget (analytics shows them as live activeRequests).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -288,6 +301,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.FromString,
                     response_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'GetOpenReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOpenReservations,
+                    request_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.GetOpenReservationsRequest.FromString,
+                    response_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.GetOpenReservationsResponse.SerializeToString,
             ),
             'WatchBudgetEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchBudgetEvents,
@@ -472,6 +490,33 @@ class BudgetService:
             '/tally.budget.v1.BudgetService/Release',
             tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
             tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOpenReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.budget.v1.BudgetService/GetOpenReservations',
+            tally_dot_budget_dot_v1_dot_budget__pb2.GetOpenReservationsRequest.SerializeToString,
+            tally_dot_budget_dot_v1_dot_budget__pb2.GetOpenReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class BudgetServiceStub:
     """
     Release: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]
     """Gives back a reservation whose request did not happen."""
+    GetOpenReservations: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetOpenReservationsRequest, _budget_pb2.GetOpenReservationsResponse]
+    """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
+    what they hold against the global budget (analytics shows them as live activeRequests).
+    """
     WatchBudgetEvents: _grpc.UnaryStreamMultiCallable[_budget_pb2.WatchBudgetEventsRequest, _budget_pb2.WatchBudgetEventsResponse]
     """Server stream of enforcement events, resumable: pass the last event id received."""
     GetBudgetStatus: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetStatusRequest, _budget_pb2.GetBudgetStatusResponse]
@@ -101,6 +105,10 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     Release: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Gives back a reservation whose request did not happen."""
+    GetOpenReservations: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetOpenReservationsRequest, _budget_pb2.GetOpenReservationsResponse]  # type: ignore[assignment]
+    """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
+    what they hold against the global budget (analytics shows them as live activeRequests).
+    """
     WatchBudgetEvents: _aio.UnaryStreamMultiCallable[_budget_pb2.WatchBudgetEventsRequest, _budget_pb2.WatchBudgetEventsResponse]  # type: ignore[assignment]
     """Server stream of enforcement events, resumable: pass the last event id received."""
     GetBudgetStatus: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetStatusRequest, _budget_pb2.GetBudgetStatusResponse]  # type: ignore[assignment]
@@ -173,6 +181,16 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.ReleaseResponse, _abc.Awaitable[_budget_pb2.ReleaseResponse]]:
         """Gives back a reservation whose request did not happen."""
+
+    @_abc_1.abstractmethod
+    def GetOpenReservations(
+        self,
+        request: _budget_pb2.GetOpenReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.GetOpenReservationsResponse, _abc.Awaitable[_budget_pb2.GetOpenReservationsResponse]]:
+        """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
+        what they hold against the global budget (analytics shows them as live activeRequests).
+        """
 
     @_abc_1.abstractmethod
     def WatchBudgetEvents(
