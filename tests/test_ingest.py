@@ -255,6 +255,31 @@ def rollup_mismatches(stack: Stack, table: str, width: str) -> list[Any]:
         return conn.execute(query).fetchall()
 
 
+def provider_minute_mismatches(stack: Stack) -> list[Any]:
+    """Minutes and providers where the uptime rollup differs from the raw events."""
+    with db(stack) as conn:
+        return conn.execute(
+            """WITH raw AS (SELECT time_bucket('1 minute', event_time) AS bucket, provider, count(*) AS requests,
+                                   count(*) FILTER (WHERE http_status >= 500) AS failures
+                            FROM usage_events GROUP BY 1, 2),
+                    roll AS (SELECT bucket, provider, sum(requests) AS requests, sum(server_failures) AS failures
+                             FROM provider_minutes GROUP BY 1, 2)
+               SELECT * FROM raw FULL JOIN roll USING (bucket, provider)
+               WHERE raw.requests IS DISTINCT FROM roll.requests OR raw.failures IS DISTINCT FROM roll.failures"""
+        ).fetchall()
+
+
+def provider_minute_rows_per_group(stack: Stack, minutes: Sequence[datetime]) -> int:
+    with db(stack) as conn:
+        row = conn.execute(
+            """SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM provider_minutes
+               WHERE bucket = ANY(%s) GROUP BY bucket, provider) g""",
+            (list(minutes),),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def rows_per_group(stack: Stack, table: str, keys: Sequence[str]) -> int:
     with db(stack) as conn:
         row = conn.execute(
@@ -272,22 +297,29 @@ def test_rollups_equal_raw_events_before_and_after_compaction(
     factory = factory_for(prices, seed=6, unpriced=True)
     factory.keys = factory.keys[:1]
     factory.models = factory.models[:1]
+    minutes: set[datetime] = set()
     for _ in range(4):  # several batches append several rows for the same groups
-        send(stack, stub, factory.events(400, recent(hours=70), timedelta(hours=69)))
+        events = factory.events(400, recent(hours=70), timedelta(hours=69))
+        minutes |= {datetime.fromtimestamp(e.event_time.seconds // 60 * 60, UTC) for e in events}
+        send(stack, stub, events)
     assert rollup_mismatches(stack, "usage_rollup_hourly", "1 hour") == []
     assert rollup_mismatches(stack, "usage_rollup_daily", "1 day") == []
     assert narrow_rollup_mismatches(stack) == []
+    assert provider_minute_mismatches(stack) == []
     deadline = datetime.now(UTC) + timedelta(seconds=30)  # the compactor runs every second in tests
     while datetime.now(UTC) < deadline and (
         rows_per_group(stack, "usage_rollup_daily", factory.keys) > 1
         or rows_per_group(stack, "usage_rollup_hourly", factory.keys) > 1
+        or provider_minute_rows_per_group(stack, sorted(minutes)) > 1
     ):
         time.sleep(0.2)
     assert rows_per_group(stack, "usage_rollup_hourly", factory.keys) == 1
     assert rows_per_group(stack, "usage_rollup_daily", factory.keys) == 1
+    assert provider_minute_rows_per_group(stack, sorted(minutes)) == 1
     assert rollup_mismatches(stack, "usage_rollup_hourly", "1 hour") == []
     assert rollup_mismatches(stack, "usage_rollup_daily", "1 day") == []
     assert narrow_rollup_mismatches(stack) == []
+    assert provider_minute_mismatches(stack) == []
 
 
 def narrow_rollup_mismatches(stack: Stack) -> list[Any]:

@@ -247,15 +247,14 @@ class AnalyticsQueries:
         return {r["key_id"]: r["key_name"] for r in rows}
 
     # ------------------------------------------------------------------ providers
-    async def provider_down_hours(self, window: Window) -> list[dict[str, Any]]:
-        """Per provider: hours with traffic, and hours in which every request failed with a 5xx."""
+    async def provider_down_minutes(self, window: Window) -> list[dict[str, Any]]:
+        """Per provider: minutes with traffic, and minutes in which every request failed with a 5xx."""
         return await self._db.fetch_all(
-            """SELECT provider, count(*)::int AS hours,
-                      count(*) FILTER (WHERE server_failures = requests)::int AS down_hours
-               FROM (SELECT provider, bucket, sum(requests) AS requests,
-                            coalesce(sum(failures) FILTER (WHERE status_class = '5xx'), 0) AS server_failures
-                     FROM usage_rollup_hourly_global WHERE bucket >= %(ws)s AND bucket < %(we)s
-                     GROUP BY provider, bucket) h
+            """SELECT provider, count(*)::int AS minutes,
+                      count(*) FILTER (WHERE server_failures = requests)::int AS down_minutes
+               FROM (SELECT provider, bucket, sum(requests) AS requests, sum(server_failures) AS server_failures
+                     FROM provider_minutes WHERE bucket >= %(ws)s AND bucket < %(we)s
+                     GROUP BY provider, bucket) m
                WHERE requests > 0 GROUP BY provider""",
             {"ws": window.start, "we": window.end},
         )

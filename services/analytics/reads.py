@@ -468,16 +468,15 @@ class AnalyticsReads:
         self, period: str, breakdown: str, now: datetime | None = None
     ) -> pb.ProviderAnalytics:
         """`breakdown=model` fills `models` and `operations` (as the contract's example shows);
-        `operation` fills `operations` only. `uptime` = 1 - (clock hours in which every request to
-        the provider failed with a 5xx) / (clock hours with traffic to it): the hourly rollup is the
-        finest provider-level grain kept for long windows, so this is the hour-grain version of
-        "minutes with traffic in which the provider failed every request"."""
+        `operation` fills `operations` only. `uptime` = 1 - (minutes in which every request to the
+        provider failed with a server-side (5xx) error) / (minutes with traffic to it), from the
+        per-minute provider rollup."""
         now = now or datetime.now(UTC)
         period_text, length = self._period(period)
         breakdown = choose(breakdown, "breakdown", ("model", "operation"), "model")
         window = hour_window(length, now)
         rows, uptime_rows = await asyncio.gather(
-            self._q.grouped(window, "provider, model, operation"), self._q.provider_down_hours(window)
+            self._q.grouped(window, "provider, model, operation"), self._q.provider_down_minutes(window)
         )
         providers: dict[str, Totals] = defaultdict(Totals)
         models: dict[tuple[str, str], Totals] = defaultdict(Totals)
@@ -489,7 +488,7 @@ class AnalyticsReads:
             operations[(row["g0"], row["g2"])] += t
         total_cost = sum(t.cost_micros for t in providers.values())
         total_requests = sum(t.requests for t in providers.values())
-        uptime = {r["provider"]: 1 - model.ratio(r["down_hours"], r["hours"]) for r in uptime_rows}
+        uptime = {r["provider"]: 1 - model.ratio(r["down_minutes"], r["minutes"]) for r in uptime_rows}
         data = pb.ProviderAnalytics(period=period_text, total_cost=usd(total_cost), total_requests=total_requests)
         for provider, t in providers.items():
             data.providers[provider].summary.CopyFrom(

@@ -54,7 +54,7 @@ class Compactor:
             for bucket in sorted(buckets):
                 try:
                     async with self._db.transaction() as conn:
-                        await conn.execute(self._sql[table], (bucket,))
+                        await conn.execute(self._sql[table], {"bucket": bucket})
                 except Exception:
                     self._dirty[table].add(bucket)  # try again next round
                     raise

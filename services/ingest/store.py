@@ -39,6 +39,7 @@ from tally.usage.schema import (
     ROLLUP_GROUP,
     ROLLUP_SUMS,
     derived_rollup_ctes,
+    provider_minutes_cte,
     rollup_aggregates,
 )
 
@@ -89,6 +90,7 @@ def _batch_sql(late_threshold_seconds: int) -> str:
         SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
                count(*), sum(input_tokens), coalesce(sum(cost_micros), 0)
         FROM ins WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4),
+    {provider_minutes_cte("minutes", "ins")},
     keys AS (
         INSERT INTO virtual_keys (key_id, key_name)
         SELECT k.key_id, k.key_id::text FROM (SELECT DISTINCT key_id FROM ins) k ORDER BY k.key_id

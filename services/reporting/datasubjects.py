@@ -47,6 +47,7 @@ from tally.usage.schema import (
     ROLLUP_GROUP,
     ROLLUP_SUMS,
     derived_rollup_ctes,
+    provider_minutes_cte,
     rollup_aggregates,
 )
 from tally.usage.schema import TABLES as ROLLUP_TABLES
@@ -96,7 +97,8 @@ def removal_sql(source: str, late_threshold_seconds: int) -> str:
                                               input_tokens, cost_micros)
         SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
                -count(*), -sum(input_tokens), -coalesce(sum(cost_micros), 0)
-        FROM ins WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4)
+        FROM ins WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4),
+    {provider_minutes_cte("minutes", "ins", sign="-")}
     SELECT count(*) AS events, coalesce(sum(cost_micros), 0)::bigint AS cost,
            coalesce(array_agg(DISTINCT time_bucket('1 hour', event_time)), '{{}}') AS hours
     FROM ins
@@ -219,7 +221,7 @@ class DataSubjects:
                 if done >= _MAX_COMPACTIONS:
                     return
                 async with self._db.transaction() as conn:
-                    await conn.execute(statement, (bucket,))
+                    await conn.execute(statement, {"bucket": bucket})
                 done += 1
 
     async def _reconcile_budgets(self) -> str:

@@ -46,26 +46,41 @@ FINGERPRINT_SUMS = ("requests", "input_tokens", "cost_micros")
 
 @dataclass(frozen=True)
 class RollupTable:
+    """An append-only rollup. `width` is the span the compactor merges at once (an hour or a day;
+    ingest marks those spans dirty); rows are bucketed by `width` too unless `grain` is finer
+    (then a compaction merges every `grain` bucket of one `width` span)."""
+
     name: str
     width: timedelta
     group: tuple[str, ...]
     sums: tuple[str, ...]
+    grain: timedelta | None = None
 
     def compact_sql(self) -> str:
         columns = ", ".join(("bucket", *self.group, *self.sums))
         sums = ", ".join(f"sum({c})" for c in self.sums)
         keys = ", ".join(("bucket", *self.group))
+        where = "bucket = %(bucket)s"
+        if self.grain is not None:
+            where = f"bucket >= %(bucket)s AND bucket < %(bucket)s + interval '{int(self.width.total_seconds())} s'"
         return f"""
-            WITH old AS (DELETE FROM {self.name} WHERE bucket = %s RETURNING *)
+            WITH old AS (DELETE FROM {self.name} WHERE {where} RETURNING *)
             INSERT INTO {self.name} ({columns})
             SELECT {keys}, {sums} FROM old GROUP BY {keys}
         """  # noqa: S608 (constants)
 
     def duplicated_buckets_sql(self) -> str:
+        """The `width` spans (from %s on) holding more than one row of some group."""
         keys = ", ".join(self.group)
+        if self.grain is None:
+            return f"""
+                SELECT bucket FROM {self.name} WHERE bucket >= %s
+                GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))
+            """  # noqa: S608 (constants)
+        span = f"interval '{int(self.width.total_seconds())} s'"
         return f"""
-            SELECT bucket FROM {self.name} WHERE bucket >= %s
-            GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))
+            SELECT time_bucket({span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %s
+            GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))
         """  # noqa: S608 (constants)
 
     def bucket_of(self, at: datetime) -> datetime:
@@ -81,7 +96,20 @@ HOURLY_GLOBAL = RollupTable("usage_rollup_hourly_global", timedelta(hours=1), GL
 DAILY_GLOBAL = RollupTable("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
 HOURLY_KEY = RollupTable("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
 DAILY_KEY = RollupTable("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
-TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
+PROVIDER_MINUTES = RollupTable(
+    "provider_minutes", timedelta(hours=1), ("provider",), ("requests", "server_failures"), timedelta(minutes=1)
+)
+TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY, PROVIDER_MINUTES)
+
+
+def provider_minutes_cte(name: str, source: str, sign: str = "") -> str:
+    """A CTE appending, per minute and provider of the usage_events rows of `source`, their
+    requests and 5xx answers (`sign` "-" appends their negation, for rows being removed)."""
+    return f"""{name} AS (
+        INSERT INTO provider_minutes (bucket, provider, requests, server_failures)
+        SELECT time_bucket('1 minute', event_time), provider, {sign}count(*),
+               {sign}count(*) FILTER (WHERE http_status >= 500)
+        FROM {source} GROUP BY 1, 2)"""  # noqa: S608 (constants)
 
 
 def rollup_aggregates(late_threshold_seconds: int) -> list[str]:
