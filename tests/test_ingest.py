@@ -269,6 +269,25 @@ def provider_minute_mismatches(stack: Stack) -> list[Any]:
         ).fetchall()
 
 
+def uptime_summary_mismatches(stack: Stack, hours: Sequence[datetime]) -> list[Any]:
+    """Hours (of `hours`) whose uptime summary differs from the raw events, or is still marked dirty."""
+    with db(stack) as conn:
+        return conn.execute(
+            """WITH raw AS (SELECT time_bucket('1 hour', m) AS bucket, provider, count(*) AS minutes,
+                                   count(*) FILTER (WHERE failures = requests) AS down
+                            FROM (SELECT time_bucket('1 minute', event_time) AS m, provider, count(*) AS requests,
+                                         count(*) FILTER (WHERE http_status >= 500) AS failures
+                                  FROM usage_events WHERE time_bucket('1 hour', event_time) = ANY(%(h)s)
+                                  GROUP BY 1, 2) x GROUP BY 1, 2),
+                    summary AS (SELECT bucket, provider, sum(minutes) AS minutes, sum(down_minutes) AS down
+                                FROM provider_uptime_hourly WHERE bucket = ANY(%(h)s) GROUP BY 1, 2)
+               SELECT * FROM raw FULL JOIN summary USING (bucket, provider)
+               WHERE raw.minutes IS DISTINCT FROM summary.minutes OR raw.down IS DISTINCT FROM summary.down
+               UNION ALL SELECT bucket, 'dirty', 0, 0, 0, 0 FROM provider_minutes_dirty WHERE bucket = ANY(%(h)s)""",
+            {"h": list(hours)},
+        ).fetchall()
+
+
 def provider_minute_rows_per_group(stack: Stack, minutes: Sequence[datetime]) -> int:
     with db(stack) as conn:
         row = conn.execute(
@@ -316,6 +335,10 @@ def test_rollups_equal_raw_events_before_and_after_compaction(
     assert rows_per_group(stack, "usage_rollup_hourly", factory.keys) == 1
     assert rows_per_group(stack, "usage_rollup_daily", factory.keys) == 1
     assert provider_minute_rows_per_group(stack, sorted(minutes)) == 1
+    hours = sorted({m.replace(minute=0) for m in minutes})
+    while datetime.now(UTC) < deadline and uptime_summary_mismatches(stack, hours):
+        time.sleep(0.2)
+    assert uptime_summary_mismatches(stack, hours) == []
     assert rollup_mismatches(stack, "usage_rollup_hourly", "1 hour") == []
     assert rollup_mismatches(stack, "usage_rollup_daily", "1 day") == []
     assert narrow_rollup_mismatches(stack) == []

@@ -248,14 +248,26 @@ class AnalyticsQueries:
 
     # ------------------------------------------------------------------ providers
     async def provider_down_minutes(self, window: Window) -> list[dict[str, Any]]:
-        """Per provider: minutes with traffic, and minutes in which every request failed with a 5xx."""
+        """Per provider: minutes with traffic, and minutes in which every request failed with a 5xx.
+        Hours the compactor summarised come from provider_uptime_hourly; hours changed since
+        (marked dirty in the same transactions as their minute rows) from the minute rows."""
         return await self._db.fetch_all(
-            """SELECT provider, count(*)::int AS minutes,
-                      count(*) FILTER (WHERE server_failures = requests)::int AS down_minutes
-               FROM (SELECT provider, bucket, sum(requests) AS requests, sum(server_failures) AS server_failures
-                     FROM provider_minutes WHERE bucket >= %(ws)s AND bucket < %(we)s
-                     GROUP BY provider, bucket) m
-               WHERE requests > 0 GROUP BY provider""",
+            """WITH dirty AS (SELECT DISTINCT bucket FROM provider_minutes_dirty
+                              WHERE bucket >= %(ws)s AND bucket < %(we)s),
+               summarised AS (
+                   SELECT provider, minutes, down_minutes FROM provider_uptime_hourly
+                   WHERE bucket >= %(ws)s AND bucket < %(we)s AND bucket NOT IN (SELECT bucket FROM dirty)),
+               recent AS (
+                   SELECT provider, count(*) AS minutes,
+                          count(*) FILTER (WHERE server_failures = requests) AS down_minutes
+                   FROM (SELECT m.provider, m.bucket, sum(m.requests) AS requests,
+                                sum(m.server_failures) AS server_failures
+                         FROM dirty d JOIN provider_minutes m
+                           ON m.bucket >= d.bucket AND m.bucket < d.bucket + interval '1 hour'
+                         GROUP BY 1, 2) x
+                   WHERE requests > 0 GROUP BY provider)
+               SELECT provider, sum(minutes)::int AS minutes, sum(down_minutes)::int AS down_minutes
+               FROM (SELECT * FROM summarised UNION ALL SELECT * FROM recent) u GROUP BY provider""",
             {"ws": window.start, "we": window.end},
         )
 

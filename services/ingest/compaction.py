@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter
 
 from tally.runtime.db import Database
-from tally.usage.schema import DAILY, HOURLY, TABLES, RollupTable
+from tally.usage.schema import COMPACTION_LOCK, DAILY, HOURLY, TABLES, RollupTable
 
 log = logging.getLogger("tally.ingest.compaction")
 COMPACTED = Counter("tally_ingest_rollup_buckets_compacted_total", "Rollup buckets compacted.", ["table"])
@@ -43,7 +43,7 @@ class Compactor:
         """Finds recent buckets left with several rows per group (e.g. by a crash) and compacts them."""
         since = now - self._late_window - timedelta(days=1)
         for table in TABLES:
-            rows = await self._db.fetch_all(table.duplicated_buckets_sql(), (since,))
+            rows = await self._db.fetch_all(table.duplicated_buckets_sql(), {"since": since})
             self._dirty[table] |= {row["bucket"] for row in rows}
         await self.compact()
 
@@ -54,6 +54,8 @@ class Compactor:
             for bucket in sorted(buckets):
                 try:
                     async with self._db.transaction() as conn:
+                        if table.exclusive_sql is not None:
+                            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (COMPACTION_LOCK,))
                         await conn.execute(self._sql[table], {"bucket": bucket})
                 except Exception:
                     self._dirty[table].add(bucket)  # try again next round

@@ -43,6 +43,7 @@ from tally.runtime.validation import Violations
 from tally.usage.identity import hash_end_user
 from tally.usage.schema import (
     COLUMNS,
+    COMPACTION_LOCK,
     HISTOGRAM_BOUNDS_SQL,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
@@ -221,6 +222,8 @@ class DataSubjects:
                 if done >= _MAX_COMPACTIONS:
                     return
                 async with self._db.transaction() as conn:
+                    if table.exclusive_sql is not None:
+                        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (COMPACTION_LOCK,))
                     await conn.execute(statement, {"bucket": bucket})
                 done += 1
 

@@ -55,8 +55,13 @@ class RollupTable:
     group: tuple[str, ...]
     sums: tuple[str, ...]
     grain: timedelta | None = None
+    # Compactions of this table run one at a time (under COMPACTION_LOCK, taken first in their
+    # transaction), and `compact_sql` is this statement instead of the plain merge.
+    exclusive_sql: str | None = None
 
     def compact_sql(self) -> str:
+        if self.exclusive_sql is not None:
+            return self.exclusive_sql
         columns = ", ".join(("bucket", *self.group, *self.sums))
         sums = ", ".join(f"sum({c})" for c in self.sums)
         keys = ", ".join(("bucket", *self.group))
@@ -70,16 +75,24 @@ class RollupTable:
         """  # noqa: S608 (constants)
 
     def duplicated_buckets_sql(self) -> str:
-        """The `width` spans (from %s on) holding more than one row of some group."""
+        """The `width` spans (from %(since)s on) holding more than one row of some group (and, for the
+        provider minutes, the hours marked dirty)."""
         keys = ", ".join(self.group)
+        if self.exclusive_sql is not None:
+            span = f"interval '{int(self.width.total_seconds())} s'"
+            return f"""
+                SELECT time_bucket({span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %(since)s
+                GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))
+                UNION SELECT bucket FROM provider_minutes_dirty WHERE bucket >= %(since)s
+            """  # noqa: S608 (constants)
         if self.grain is None:
             return f"""
-                SELECT bucket FROM {self.name} WHERE bucket >= %s
+                SELECT bucket FROM {self.name} WHERE bucket >= %(since)s
                 GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))
             """  # noqa: S608 (constants)
         span = f"interval '{int(self.width.total_seconds())} s'"
         return f"""
-            SELECT time_bucket({span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %s
+            SELECT time_bucket({span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %(since)s
             GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))
         """  # noqa: S608 (constants)
 
@@ -96,20 +109,48 @@ HOURLY_GLOBAL = RollupTable("usage_rollup_hourly_global", timedelta(hours=1), GL
 DAILY_GLOBAL = RollupTable("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
 HOURLY_KEY = RollupTable("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
 DAILY_KEY = RollupTable("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
+# Compactions that must not run concurrently take this advisory lock (pg_advisory_xact_lock).
+COMPACTION_LOCK = 7_406_391_044
+
+# Merges an hour of provider minutes and, in the same statement, rewrites the hour's uptime
+# summary from exactly the rows merged and clears the hour's dirty marks: minute rows (and marks)
+# committed after the statement's snapshot stay, so the hour stays dirty and readers keep using
+# its minute rows. One compaction at a time (two racing ones could each write a summary).
+_PROVIDER_MINUTES_COMPACT = """
+    WITH marks AS (DELETE FROM provider_minutes_dirty WHERE bucket = %(bucket)s),
+    old AS (DELETE FROM provider_minutes
+            WHERE bucket >= %(bucket)s AND bucket < %(bucket)s + interval '1 hour' RETURNING *),
+    merged AS (INSERT INTO provider_minutes (bucket, provider, requests, server_failures)
+               SELECT bucket, provider, sum(requests), sum(server_failures) FROM old GROUP BY 1, 2
+               RETURNING *),
+    stale AS (DELETE FROM provider_uptime_hourly WHERE bucket = %(bucket)s)
+    INSERT INTO provider_uptime_hourly (bucket, provider, minutes, down_minutes)
+    SELECT %(bucket)s, provider, count(*), count(*) FILTER (WHERE server_failures = requests)
+    FROM merged WHERE requests > 0 GROUP BY provider
+"""
 PROVIDER_MINUTES = RollupTable(
-    "provider_minutes", timedelta(hours=1), ("provider",), ("requests", "server_failures"), timedelta(minutes=1)
+    "provider_minutes",
+    timedelta(hours=1),
+    ("provider",),
+    ("requests", "server_failures"),
+    timedelta(minutes=1),
+    exclusive_sql=_PROVIDER_MINUTES_COMPACT,
 )
 TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY, PROVIDER_MINUTES)
 
 
 def provider_minutes_cte(name: str, source: str, sign: str = "") -> str:
-    """A CTE appending, per minute and provider of the usage_events rows of `source`, their
-    requests and 5xx answers (`sign` "-" appends their negation, for rows being removed)."""
+    """CTEs appending, per minute and provider of the usage_events rows of `source`, their
+    requests and 5xx answers (`sign` "-" appends their negation, for rows being removed), and
+    marking their hours dirty (their uptime summary is stale until the compactor redoes it)."""
     return f"""{name} AS (
         INSERT INTO provider_minutes (bucket, provider, requests, server_failures)
         SELECT time_bucket('1 minute', event_time), provider, {sign}count(*),
                {sign}count(*) FILTER (WHERE http_status >= 500)
-        FROM {source} GROUP BY 1, 2)"""  # noqa: S608 (constants)
+        FROM {source} GROUP BY 1, 2),
+    {name}_dirty AS (
+        INSERT INTO provider_minutes_dirty (bucket)
+        SELECT DISTINCT time_bucket('1 hour', event_time) FROM {source})"""  # noqa: S608 (constants)
 
 
 def rollup_aggregates(late_threshold_seconds: int) -> list[str]:
