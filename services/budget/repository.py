@@ -191,7 +191,7 @@ class BudgetRepository:
         """A read-only transaction on one snapshot, and that snapshot (`pg_current_snapshot()`
         as text, xmin:xmax:xip,...): every spend sum read in it holds exactly the transactions
         visible in the snapshot."""
-        async with self._db.repeatable_read() as conn:
+        async with self._db.transaction(snapshot=True) as conn:
             cursor = await conn.execute("SELECT pg_current_snapshot()::text")
             row = await cursor.fetchone()
             assert row is not None

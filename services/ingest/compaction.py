@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter
 
 from tally.runtime.db import Database
-from tally.usage.schema import COMPACTION_LOCK, DAILY, HOURLY, TABLES, RollupTable
+from tally.usage.schema import DAILY, HOURLY, TABLES, RollupTable
 
 log = logging.getLogger("tally.ingest.compaction")
 COMPACTED = Counter("tally_ingest_rollup_buckets_compacted_total", "Rollup buckets compacted.", ["table"])
@@ -30,7 +30,6 @@ class Compactor:
         self._interval = interval_seconds
         self._late_window = late_window
         self._dirty: dict[RollupTable, set[datetime]] = {table: set() for table in TABLES}
-        self._sql = {table: table.compact_sql() for table in TABLES}
 
     def mark(self, epoch_seconds: Iterable[int]) -> None:
         """Remembers the buckets a committed batch appended to (event times as Unix seconds)."""
@@ -54,9 +53,8 @@ class Compactor:
             for bucket in sorted(buckets):
                 try:
                     async with self._db.transaction() as conn:
-                        if table.exclusive_sql is not None:
-                            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (COMPACTION_LOCK,))
-                        await conn.execute(self._sql[table], {"bucket": bucket})
+                        for statement, params in table.compact_statements(bucket):
+                            await conn.execute(statement, params)
                 except Exception:
                     self._dirty[table].add(bucket)  # try again next round
                     raise

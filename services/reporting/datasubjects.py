@@ -43,7 +43,6 @@ from tally.runtime.validation import Violations
 from tally.usage.identity import hash_end_user
 from tally.usage.schema import (
     COLUMNS,
-    COMPACTION_LOCK,
     HISTOGRAM_BOUNDS_SQL,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
@@ -217,14 +216,12 @@ class DataSubjects:
         done = 0
         for table in ROLLUP_TABLES:
             buckets: Sequence[datetime] = hourly if table.width == timedelta(hours=1) else daily
-            statement = table.compact_sql()
             for bucket in buckets:
                 if done >= _MAX_COMPACTIONS:
                     return
                 async with self._db.transaction() as conn:
-                    if table.exclusive_sql is not None:
-                        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (COMPACTION_LOCK,))
-                    await conn.execute(statement, {"bucket": bucket})
+                    for statement, params in table.compact_statements(bucket):
+                        await conn.execute(statement, params)
                 done += 1
 
     async def _reconcile_budgets(self) -> str:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -64,22 +64,14 @@ class Database:
         return min(ms, self._default_timeout_ms)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A connection inside a transaction whose statements stop at the call's deadline."""
+    async def transaction(self, *, snapshot: bool = False) -> AsyncIterator[AsyncConnection[Any]]:
+        """A connection inside a transaction whose statements stop at the call's deadline. With
+        `snapshot`, a read-only REPEATABLE READ one: all its statements see one snapshot."""
         timeout_ms = self._timeout_ms()
         async with self.pool.connection(timeout=timeout_ms / 1000) as conn, conn.transaction():
+            if snapshot:  # before any query (the first query fixes the snapshot)
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),))
-            yield conn
-
-    @asynccontextmanager
-    async def repeatable_read(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A read-only transaction whose statements all see one snapshot (REPEATABLE READ),
-        stopping at the call's deadline like `transaction()`."""
-        timeout_ms = self._timeout_ms()
-        async with self.pool.connection(timeout=timeout_ms / 1000) as conn, conn.transaction():
-            # Before any query: the first query fixes the transaction's snapshot.
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            await conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
             yield conn
 
     async def fetch_all(self, query: str, params: Any = None) -> list[dict[str, Any]]:

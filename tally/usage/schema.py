@@ -67,34 +67,39 @@ class RollupTable:
         keys = ", ".join(("bucket", *self.group))
         where = "bucket = %(bucket)s"
         if self.grain is not None:
-            where = f"bucket >= %(bucket)s AND bucket < %(bucket)s + interval '{int(self.width.total_seconds())} s'"
+            where = f"bucket >= %(bucket)s AND bucket < %(bucket)s + {self._span}"
         return f"""
             WITH old AS (DELETE FROM {self.name} WHERE {where} RETURNING *)
             INSERT INTO {self.name} ({columns})
             SELECT {keys}, {sums} FROM old GROUP BY {keys}
         """  # noqa: S608 (constants)
 
+    def compact_statements(self, bucket: datetime) -> list[tuple[str, dict[str, object]]]:
+        """What one compaction of `bucket` runs, in order, in one transaction."""
+        merge: tuple[str, dict[str, object]] = (self.compact_sql(), {"bucket": bucket})
+        if self.exclusive_sql is None:
+            return [merge]
+        return [("SELECT pg_advisory_xact_lock(%(lock)s)", {"lock": COMPACTION_LOCK}), merge]
+
+    @property
+    def _span(self) -> str:
+        return f"interval '{int(self.width.total_seconds())} s'"
+
     def duplicated_buckets_sql(self) -> str:
         """The `width` spans (from %(since)s on) holding more than one row of some group (and, for the
         provider minutes, the hours marked dirty)."""
         keys = ", ".join(self.group)
-        if self.exclusive_sql is not None:
-            span = f"interval '{int(self.width.total_seconds())} s'"
-            return f"""
-                SELECT time_bucket({span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %(since)s
-                GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))
-                UNION SELECT bucket FROM provider_minutes_dirty WHERE bucket >= %(since)s
-            """  # noqa: S608 (constants)
         if self.grain is None:
-            return f"""
+            found = f"""
                 SELECT bucket FROM {self.name} WHERE bucket >= %(since)s
-                GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))
-            """  # noqa: S608 (constants)
-        span = f"interval '{int(self.width.total_seconds())} s'"
-        return f"""
-            SELECT time_bucket({span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %(since)s
-            GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))
-        """  # noqa: S608 (constants)
+                GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))"""  # noqa: S608 (constants)
+        else:
+            found = f"""
+                SELECT time_bucket({self._span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %(since)s
+                GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))"""  # noqa: S608 (constants)
+        if self.exclusive_sql is not None:
+            found += "\n                UNION SELECT bucket FROM provider_minutes_dirty WHERE bucket >= %(since)s"
+        return found
 
     def bucket_of(self, at: datetime) -> datetime:
         if self.width == timedelta(hours=1):
