@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tally.devstack import Postgres, Redis, Suite, free_port
+from tally.devstack import Postgres, Redis, Suite, free_port, read_or_create_secret
 from tally.runtime.config import ServiceName
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,11 +67,15 @@ def write_results(name: str, figures: dict[str, Any]) -> Path:
 
 
 @contextlib.contextmanager
-def bench_stack(services: Sequence[ServiceName], extra_env: dict[str, str] | None = None) -> Iterator[Suite]:
-    """PostgreSQL+TimescaleDB, Redis and the given services in a temporary folder."""
-    root = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+def bench_stack(
+    services: Sequence[ServiceName], extra_env: dict[str, str] | None = None, keep: Path | None = None
+) -> Iterator[Suite]:
+    """PostgreSQL+TimescaleDB, Redis and the given services in a temporary folder, or in `keep`,
+    which is left in place (with its database) for the next run to reuse."""
+    root = keep if keep is not None else Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
-    postgres = Postgres(root / "postgres" / "data", free_port(), secrets.token_urlsafe(16))
+    postgres = Postgres(root / "postgres" / "data", free_port(), read_or_create_secret(root / "postgres.password"))
     redis = Redis(root / "redis", free_port())
     env = dict(os.environ)
     env.update(
@@ -106,4 +110,5 @@ def bench_stack(services: Sequence[ServiceName], extra_env: dict[str, str] | Non
         suite.stop_all()
         redis.stop()
         postgres.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)

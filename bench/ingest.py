@@ -210,9 +210,7 @@ def main() -> None:
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         ready, go = context.Event(), context.Event()
-        loader = context.Process(
-            target=_load_process, args=(address, env["ADMIN_MASTER_KEY"], total, queue, ready, go)
-        )
+        loader = context.Process(target=_load_process, args=(address, env["ADMIN_MASTER_KEY"], total, queue, ready, go))
         loader.start()
         ready.wait()  # events generated; only the load itself is measured
         pids = {name: process.pid for name, process in suite.processes.items()}

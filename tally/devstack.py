@@ -395,7 +395,7 @@ class Suite:
             self.stop(name)
 
 
-def _read_or_create_secret(path: Path, nbytes: int = 24) -> str:
+def read_or_create_secret(path: Path, nbytes: int = 24) -> str:
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +411,7 @@ def local_stack(data_dir: Path, env: dict[str, str]) -> Iterator[Suite]:
     pg = Postgres(
         data_dir / "postgres" / "data",
         int(env.get("UB_POSTGRES_PORT", "55432")),
-        _read_or_create_secret(data_dir / "postgres.password"),
+        read_or_create_secret(data_dir / "postgres.password"),
     )
     redis = Redis(data_dir / "redis", int(env.get("UB_REDIS_PORT", "56379")))
     # Email goes to a local sink (mail kept in data_dir/mail) unless SMTP_HOST/SMTP_PORT are set.
@@ -467,9 +467,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("UB_DATA_DIR", ROOT / ".data")))
     args = parser.parse_args(argv)
     env = dict(os.environ)
-    key = env.get("ADMIN_MASTER_KEY") or _read_or_create_secret(args.data_dir / "master-key")
+    key = env.get("ADMIN_MASTER_KEY") or read_or_create_secret(args.data_dir / "master-key")
     env["ADMIN_MASTER_KEY"] = key
-    env.setdefault("END_USER_HASH_KEY", _read_or_create_secret(args.data_dir / "end-user-hash-key", 32))
+    env.setdefault("END_USER_HASH_KEY", read_or_create_secret(args.data_dir / "end-user-hash-key", 32))
     demo = env.get("DEMO", "") not in ("", "0", "false")
     if demo:  # demo history reaches back DEMO_DAYS: ingest must accept events that old
         env.setdefault("INGEST_LATE_WINDOW_SECONDS", str((int(env.get("DEMO_DAYS", "90")) + 2) * 86400))

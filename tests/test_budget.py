@@ -389,6 +389,87 @@ async def test_global_budget_admits_exactly_200(budget_stack: BudgetStack) -> No
             client.put("/api/admin/budgets/global", json={"maxBudget": 1e6, "period": "monthly"})
 
 
+async def test_request_path_stream_answers_every_call_by_id_with_the_unary_semantics(
+    budget_stack: BudgetStack,
+) -> None:
+    """500 authorizations of 5 cents on $10 spread over 4 streams (all in flight at once) admit
+    exactly 200; denials and invalid calls come back as their call's error, with the unary RPC's
+    status and details, and the stream goes on; settle and release work on the same stream."""
+    key_id = new_key(budget_stack, 10.00)
+    request_ids = [uuid.uuid4().hex for _ in range(500)]
+
+    async def run(
+        stub: budget_pb2_grpc.BudgetServiceStub, calls: list[budget_pb2.StreamRequestPathRequest]
+    ) -> dict[int, budget_pb2.StreamRequestPathResponse]:
+        call = stub.StreamRequestPath(metadata=budget_stack.auth(), timeout=60)
+        for message in calls:
+            await call.write(message)
+        await call.done_writing()
+        answers = {}
+        async for answer in call:
+            assert answer.call_id not in answers
+            answers[answer.call_id] = answer
+        return answers
+
+    def authorize_call(n: int, request_id: str) -> budget_pb2.StreamRequestPathRequest:
+        return budget_pb2.StreamRequestPathRequest(
+            call_id=n,
+            authorize=budget_pb2.AuthorizeRequest(key_id=key_id, request_id=request_id, estimated_cost_micros=50_000),
+        )
+
+    async with grpc.aio.insecure_channel(budget_stack.address) as channel:
+        stub = budget_pb2_grpc.BudgetServiceStub(channel)
+        parts = await asyncio.gather(
+            *(run(stub, [authorize_call(n, request_ids[n]) for n in range(s, 500, 4)]) for s in range(4))
+        )
+        answers = {k: v for part in parts for k, v in part.items()}
+        assert sorted(answers) == list(range(500))
+        allowed = [n for n, a in answers.items() if a.WhichOneof("result") == "authorize"]
+        denied = [n for n, a in answers.items() if a.WhichOneof("result") == "error"]
+        assert (len(allowed), len(denied)) == (200, 300)
+        error = answers[denied[0]].error
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        quota = error_details_pb2.QuotaFailure()
+        assert any(detail.Unpack(quota) for detail in error.details)
+        assert [v.subject for v in quota.violations] == [f"key:{key_id}"]
+
+        first, second = request_ids[allowed[0]], request_ids[allowed[1]]
+        follow_up = await run(
+            stub,
+            [
+                budget_pb2.StreamRequestPathRequest(call_id=1, settle=settle_request(key_id, 80_000, first)),
+                budget_pb2.StreamRequestPathRequest(call_id=2, release=budget_pb2.ReleaseRequest(request_id=second)),
+                budget_pb2.StreamRequestPathRequest(call_id=3),
+                budget_pb2.StreamRequestPathRequest(
+                    call_id=4, authorize=budget_pb2.AuthorizeRequest(key_id=key_id, estimated_cost_micros=1)
+                ),
+                authorize_call(5, request_ids[allowed[2]]),  # a retry: replayed, not reserved again
+            ],
+        )
+    assert follow_up[1].settle.overspend_micros == 30_000
+    # calls on one stream run concurrently: the release may be counted before or after the settle
+    assert follow_up[1].settle.remaining[0].committed_micros in (200 * 50_000 + 30_000, 199 * 50_000 + 30_000)
+    assert follow_up[2].release.released
+    for n, field_name in ((3, "call"), (4, "requestId")):
+        assert follow_up[n].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        bad = error_details_pb2.BadRequest()
+        assert any(detail.Unpack(bad) for detail in follow_up[n].error.details)
+        assert [v.field for v in bad.field_violations] == [field_name]
+    assert follow_up[5].authorize.replayed
+    with budget_stack.http() as client:
+        budget = client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+    assert budget["currentSpend"] == 0.08
+    assert budget["reserved"] == 9.9  # 198 reservations of 5 cents
+
+    async with grpc.aio.insecure_channel(budget_stack.address) as channel:
+        call = budget_pb2_grpc.BudgetServiceStub(channel).StreamRequestPath(timeout=10)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call:
+                pass
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_settle_below_and_above_the_estimate(budget_stack: BudgetStack) -> None:
     key_id = new_key(budget_stack, 10.00)
     stub = budget_stack.stub()

@@ -157,9 +157,9 @@ def test_malformed_json_body_is_400(stack: Stack) -> None:
 def test_unimplemented_handler_maps_to_unimplemented() -> None:
     """Every route is built now (the audit log was the last, issue 7), so no route answers 501
     any more; a handler raising NotImplementedError still becomes UNIMPLEMENTED (HTTP 501)."""
-    from tally.runtime.interceptor import _as_service_error
+    from tally.runtime.interceptor import as_service_error
 
-    error = _as_service_error(NotImplementedError(), "/tally.x.v1.XService/Y")
+    error = as_service_error(NotImplementedError(), "/tally.x.v1.XService/Y")
     assert error is not None
     assert error.code.name == "UNIMPLEMENTED"
     assert "not implemented yet" in error.message

@@ -3,6 +3,7 @@ engine) and the resources and background tasks it uses."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import uuid
@@ -34,7 +35,8 @@ from services.budget.store import (
 from services.budget.tasks import BackgroundTasks
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.notify import DeliveryWorker
-from tally.runtime.errors import InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from tally.runtime.errors import Internal, InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from tally.runtime.interceptor import as_service_error
 from tally.runtime.redis import create_redis
 from tally.runtime.server import Registration, Resources
 from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size, require_uuid
@@ -326,6 +328,61 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             metrics.FAILURE_POLICY.labels("release", "unavailable").inc()
             raise Unavailable("the budget store is unreachable", metadata={"dependency": "redis"}) from exc
         return budget_pb2.ReleaseResponse(released=released)
+
+    async def StreamRequestPath(
+        self, request_iterator: AsyncIterator[budget_pb2.StreamRequestPathRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[budget_pb2.StreamRequestPathResponse]:
+        """Answers each call as soon as it is decided: calls are run concurrently (so calls in
+        flight on many streams are batched into the same Redis round trips, as unary calls are)
+        and a call's error is sent as its answer instead of ending the stream."""
+        answers: asyncio.Queue[budget_pb2.StreamRequestPathResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(call: budget_pb2.StreamRequestPathRequest) -> None:
+            answers.put_nowait(await self._stream_call(call, context))
+
+        async def read() -> None:
+            try:
+                async for call in request_iterator:
+                    task = asyncio.create_task(answer(call))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(list(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await answers.get()) is not None:
+                yield reply
+            await reader  # re-raises a failure to read the stream
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _stream_call(
+        self, call: budget_pb2.StreamRequestPathRequest, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.StreamRequestPathResponse:
+        reply = budget_pb2.StreamRequestPathResponse(call_id=call.call_id)
+        kind = call.WhichOneof("call")
+        try:
+            if kind == "authorize":
+                reply.authorize.CopyFrom(await self.Authorize(call.authorize, context))
+            elif kind == "settle":
+                reply.settle.CopyFrom(await self.Settle(call.settle, context))
+            elif kind == "release":
+                reply.release.CopyFrom(await self.Release(call.release, context))
+            else:
+                raise InvalidArgument.field("call", "one of authorize, settle or release is required")
+        except Exception as exc:
+            error = as_service_error(exc, "/tally.budget.v1.BudgetService/StreamRequestPath")
+            if error is None:
+                log.exception("request-path stream call failed", extra={"call": kind})
+                error = Internal("the call failed")
+            reply.error.CopyFrom(error.to_status())
+        return reply
 
     async def GetOpenReservations(
         self, request: budget_pb2.GetOpenReservationsRequest, context: grpc.aio.ServicerContext

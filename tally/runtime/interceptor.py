@@ -58,7 +58,7 @@ PUBLIC_SERVICES = (
 )
 
 
-def _as_service_error(exc: BaseException, method: str) -> ServiceError | None:
+def as_service_error(exc: BaseException, method: str) -> ServiceError | None:
     """Maps an exception escaping a handler to the error the caller should see."""
     if isinstance(exc, ServiceError):
         return exc
@@ -162,7 +162,7 @@ class _Call:
 
     async def fail(self, ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
         """Aborts the call with the status `exc` maps to (raises grpc.aio.AbortError)."""
-        error = _as_service_error(exc, self.method)
+        error = as_service_error(exc, self.method)
         if error is None:
             log.error("unhandled error", exc_info=exc)
             error = ServiceError(f"internal error (correlation id {self.correlation_id})")

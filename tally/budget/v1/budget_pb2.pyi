@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -344,6 +345,96 @@ class SettleBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleBatchResponse: _TypeAlias = SettleBatchResponse  # noqa: Y015
+
+@_typing.final
+class StreamRequestPathRequest(_message.Message):
+    """One call on the request-path stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    AUTHORIZE_FIELD_NUMBER: _builtins.int
+    SETTLE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """Chosen by the client; the answer carries it back."""
+    @_builtins.property
+    def authorize(self) -> Global___AuthorizeRequest:
+        """As the Authorize RPC."""
+
+    @_builtins.property
+    def settle(self) -> Global___SettleRequest:
+        """As the Settle RPC."""
+
+    @_builtins.property
+    def release(self) -> Global___ReleaseRequest:
+        """As the Release RPC."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        authorize: Global___AuthorizeRequest | None = ...,
+        settle: Global___SettleRequest | None = ...,
+        release: Global___ReleaseRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authorize", b"authorize", "call", b"call", "release", b"release", "settle", b"settle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorize", b"authorize", "call", b"call", "call_id", b"call_id", "release", b"release", "settle", b"settle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["authorize", "settle", "release"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___StreamRequestPathRequest: _TypeAlias = StreamRequestPathRequest  # noqa: Y015
+
+@_typing.final
+class StreamRequestPathResponse(_message.Message):
+    """The answer to one call on the request-path stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    AUTHORIZE_FIELD_NUMBER: _builtins.int
+    SETTLE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """The call_id of the call answered."""
+    @_builtins.property
+    def authorize(self) -> Global___AuthorizeResponse:
+        """Answer to an authorize call that was allowed."""
+
+    @_builtins.property
+    def settle(self) -> Global___SettleResponse:
+        """Answer to a settle call."""
+
+    @_builtins.property
+    def release(self) -> Global___ReleaseResponse:
+        """Answer to a release call."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """The error the unary RPC would have ended with (a denial is RESOURCE_EXHAUSTED)."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        authorize: Global___AuthorizeResponse | None = ...,
+        settle: Global___SettleResponse | None = ...,
+        release: Global___ReleaseResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authorize", b"authorize", "error", b"error", "release", b"release", "result", b"result", "settle", b"settle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorize", b"authorize", "call_id", b"call_id", "error", b"error", "release", b"release", "result", b"result", "settle", b"settle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["authorize", "settle", "release", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___StreamRequestPathResponse: _TypeAlias = StreamRequestPathResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseRequest(_message.Message):

@@ -58,6 +58,11 @@ class BudgetServiceStub:
                 request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.StreamRequestPath = channel.stream_stream(
+                '/tally.budget.v1.BudgetService/StreamRequestPath',
+                request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.StreamRequestPathRequest.SerializeToString,
+                response_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.StreamRequestPathResponse.FromString,
+                _registered_method=True)
         self.GetOpenReservations = channel.unary_unary(
                 '/tally.budget.v1.BudgetService/GetOpenReservations',
                 request_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.GetOpenReservationsRequest.SerializeToString,
@@ -168,6 +173,19 @@ class BudgetServiceServicer:
 
     def Release(self, request, context):
         """Gives back a reservation whose request did not happen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamRequestPath(self, request_iterator, context):
+        """High-rate variant of the request path (gRPC only), for a gateway with many requests in
+        flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
+        named by a client-chosen call_id. The server answers every call once, with the same call_id,
+        as soon as it is decided; answers may come in any order. A call that fails is answered with
+        its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+        RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
+        when a stream breaks may be sent again: each is idempotent per request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,6 +319,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.FromString,
                     response_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'StreamRequestPath': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamRequestPath,
+                    request_deserializer=tally_dot_budget_dot_v1_dot_budget__pb2.StreamRequestPathRequest.FromString,
+                    response_serializer=tally_dot_budget_dot_v1_dot_budget__pb2.StreamRequestPathResponse.SerializeToString,
             ),
             'GetOpenReservations': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOpenReservations,
@@ -490,6 +513,33 @@ class BudgetService:
             '/tally.budget.v1.BudgetService/Release',
             tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
             tally_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamRequestPath(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tally.budget.v1.BudgetService/StreamRequestPath',
+            tally_dot_budget_dot_v1_dot_budget__pb2.StreamRequestPathRequest.SerializeToString,
+            tally_dot_budget_dot_v1_dot_budget__pb2.StreamRequestPathResponse.FromString,
             options,
             channel_credentials,
             insecure,

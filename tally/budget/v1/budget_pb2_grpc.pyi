@@ -50,6 +50,15 @@ class BudgetServiceStub:
     """
     Release: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]
     """Gives back a reservation whose request did not happen."""
+    StreamRequestPath: _grpc.StreamStreamMultiCallable[_budget_pb2.StreamRequestPathRequest, _budget_pb2.StreamRequestPathResponse]
+    """High-rate variant of the request path (gRPC only), for a gateway with many requests in
+    flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
+    named by a client-chosen call_id. The server answers every call once, with the same call_id,
+    as soon as it is decided; answers may come in any order. A call that fails is answered with
+    its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+    RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
+    when a stream breaks may be sent again: each is idempotent per request_id.
+    """
     GetOpenReservations: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetOpenReservationsRequest, _budget_pb2.GetOpenReservationsResponse]
     """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
     what they hold against the global budget (analytics shows them as live activeRequests).
@@ -105,6 +114,15 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     Release: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Gives back a reservation whose request did not happen."""
+    StreamRequestPath: _aio.StreamStreamMultiCallable[_budget_pb2.StreamRequestPathRequest, _budget_pb2.StreamRequestPathResponse]  # type: ignore[assignment]
+    """High-rate variant of the request path (gRPC only), for a gateway with many requests in
+    flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
+    named by a client-chosen call_id. The server answers every call once, with the same call_id,
+    as soon as it is decided; answers may come in any order. A call that fails is answered with
+    its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+    RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
+    when a stream breaks may be sent again: each is idempotent per request_id.
+    """
     GetOpenReservations: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetOpenReservationsRequest, _budget_pb2.GetOpenReservationsResponse]  # type: ignore[assignment]
     """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
     what they hold against the global budget (analytics shows them as live activeRequests).
@@ -181,6 +199,21 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.ReleaseResponse, _abc.Awaitable[_budget_pb2.ReleaseResponse]]:
         """Gives back a reservation whose request did not happen."""
+
+    @_abc_1.abstractmethod
+    def StreamRequestPath(
+        self,
+        request_iterator: _MaybeAsyncIterator[_budget_pb2.StreamRequestPathRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_budget_pb2.StreamRequestPathResponse], _abc.AsyncIterator[_budget_pb2.StreamRequestPathResponse]]:
+        """High-rate variant of the request path (gRPC only), for a gateway with many requests in
+        flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
+        named by a client-chosen call_id. The server answers every call once, with the same call_id,
+        as soon as it is decided; answers may come in any order. A call that fails is answered with
+        its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+        RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
+        when a stream breaks may be sent again: each is idempotent per request_id.
+        """
 
     @_abc_1.abstractmethod
     def GetOpenReservations(
