@@ -470,6 +470,31 @@ async def test_request_path_stream_answers_every_call_by_id_with_the_unary_seman
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_request_path_stream_answers_more_calls_than_its_in_flight_window(budget_stack: BudgetStack) -> None:
+    """3,000 calls on one stream (the server reads at most 1,024 ahead of its answers), written and
+    read at the same time: every call answered once."""
+    key_id = new_key(budget_stack, 1000.00)
+    async with grpc.aio.insecure_channel(budget_stack.address) as channel:
+        call = budget_pb2_grpc.BudgetServiceStub(channel).StreamRequestPath(metadata=budget_stack.auth(), timeout=120)
+
+        async def write() -> None:
+            for n in range(3000):
+                await call.write(
+                    budget_pb2.StreamRequestPathRequest(
+                        call_id=n,
+                        authorize=budget_pb2.AuthorizeRequest(
+                            key_id=key_id, request_id=f"window-{key_id}-{n}", estimated_cost_micros=1_000
+                        ),
+                    )
+                )
+            await call.done_writing()
+
+        writer = asyncio.create_task(write())
+        answered = [answer.call_id async for answer in call if answer.authorize.allowed]
+        await writer
+    assert sorted(answered) == list(range(3000))
+
+
 def test_settle_below_and_above_the_estimate(budget_stack: BudgetStack) -> None:
     key_id = new_key(budget_stack, 10.00)
     stub = budget_stack.stub()

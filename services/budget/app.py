@@ -56,6 +56,10 @@ _DENIALS = {
 }
 
 
+# Calls of one request-path stream read and not yet answered (StreamRequestPath).
+STREAM_MAX_IN_FLIGHT = 1024
+
+
 def _usd(micros: int) -> float:
     return micros / MICROS
 
@@ -337,6 +341,9 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         and a call's error is sent as its answer instead of ending the stream."""
         answers: asyncio.Queue[budget_pb2.StreamRequestPathResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        # Calls read but not yet answered to the client: reading stops at the bound (flow control
+        # pushes back on a client that sends without reading its answers).
+        window = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
 
         async def answer(call: budget_pb2.StreamRequestPathRequest) -> None:
             answers.put_nowait(await self._stream_call(call, context))
@@ -344,6 +351,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         async def read() -> None:
             try:
                 async for call in request_iterator:
+                    await window.acquire()
                     task = asyncio.create_task(answer(call))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -356,6 +364,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         try:
             while (reply := await answers.get()) is not None:
                 yield reply
+                window.release()
             await reader  # re-raises a failure to read the stream
         finally:
             reader.cancel()
