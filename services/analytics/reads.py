@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, percentile
 MICROS = 1_000_000
 DEFAULT_PERIOD = "7d"
 TOP_LIVE = 10
+# The live view names its top keys from a cache: a renamed key shows its new name within this.
+LIVE_NAME_TTL_SECONDS = 30.0
+LIVE_NAME_CACHE_SIZE = 10_000
 COMPARE_METRICS = ("requests", "cost", "latency", "errorRate", "tokens")
 LOWER_IS_BETTER = frozenset({"latency", "errorRate"})
 MAX_COMPARED_KEYS = 50
@@ -98,6 +102,7 @@ class AnalyticsReads:
         self._redis = redis
         self._budget = budget_pb2_grpc.BudgetServiceStub(budget) if budget is not None else None
         self._zone = settings.zone
+        self._live_names: dict[str, tuple[str, float]] = {}
 
     def _period(self, value: str, field: str = "period") -> tuple[str, timedelta]:
         return parse_period(value, field, default=DEFAULT_PERIOD, max_days=self._settings.analytics_max_period_days)
@@ -107,7 +112,8 @@ class AnalyticsReads:
         """Current UTC minute and hour and the current day in the configured timezone, from the live
         counters ingest writes after each commit (`tally.usage.live`). `activeRequests` is the
         number of reservations in flight (authorized, not yet settled, released or expired) as
-        the budget service counts them; 0 when it cannot answer."""
+        the budget service counts them; 0 when it cannot answer. Top keys are named from a cache
+        (a rename shows within LIVE_NAME_TTL_SECONDS)."""
         now = now or datetime.now(UTC)
         active = asyncio.ensure_future(self._open_reservations())
         pipe = self._redis.pipeline(transaction=False)
@@ -143,7 +149,7 @@ class AnalyticsReads:
             elif parts[0] == "p" and len(parts) == 3:
                 providers[parts[1]][slot] = value
         top_keys = sorted(keys.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))[:TOP_LIVE]
-        names = await self._q.key_names([k for k, _ in top_keys])
+        names = await self._names_for_live([k for k, _ in top_keys])
         for key_id, (requests, cost) in top_keys:
             data.top_virtual_keys.add(
                 key_id=key_id,
@@ -167,6 +173,18 @@ class AnalyticsReads:
                 pb.ProviderShare(requests=requests, cost=usd(cost), percentage=model.ratio(requests, hour_requests))
             )
         return data
+
+    async def _names_for_live(self, key_ids: list[str]) -> dict[str, str]:
+        """Key names, from the cache while fresh (LIVE_NAME_TTL_SECONDS), else from the database."""
+        now = time.monotonic()
+        cache = self._live_names
+        stale = [k for k in key_ids if (hit := cache.get(k)) is None or hit[1] <= now]
+        if stale:
+            if len(cache) > LIVE_NAME_CACHE_SIZE:
+                cache.clear()
+            for key_id, name in (await self._q.key_names(stale)).items():
+                cache[key_id] = (name, now + LIVE_NAME_TTL_SECONDS)
+        return {k: cache[k][0] for k in key_ids if k in cache}
 
     # ================================================================== trends
     async def usage_trends(self, period: str, granularity: str, now: datetime | None = None) -> pb.UsageTrends:
