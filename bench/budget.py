@@ -12,8 +12,8 @@ Two kinds of run, each beside its baseline:
   answers' latency. Latency is measured from each call's *scheduled* start, so a stack that
   falls behind shows it (no coordinated omission).
 Each run is made twice over gRPC: with the unary RPCs (one call per Authorize and per Settle), and
-on the request-path stream (StreamRequestPath: one long-lived stream per caller, the same calls
-as messages on it).
+on the request-path stream (StreamRequestPath through its gateway client: one long-lived stream
+shared by the callers, the calls made together sent in one message).
 A third reference, the gRPC transport floor, is the same callers calling the service's health
 check (no work at all): what the gRPC client and server alone cost on this machine.
 
@@ -144,51 +144,37 @@ def _grpc_load(
 def _stream_load(
     address: str, master_key: str, key_id: str, seconds: float, settle: bool, rate: float | None, out: Any
 ) -> None:
-    """Runs in a child process: the same callers on the request-path stream (StreamRequestPath),
-    one long-lived stream per caller, each call answered before the caller's next."""
+    """Runs in a child process: the same callers through the gateway client of the request-path
+    stream (tally.clients.request_path): one stream for all of them, as one gateway process has."""
     import grpc
 
-    from tally.budget.v1 import budget_pb2, budget_pb2_grpc
+    from tally.budget.v1 import budget_pb2
+    from tally.clients.request_path import RequestPathClient, RequestPathError
 
     async def run() -> dict[str, Any]:
         metadata = [("authorization", f"Bearer {master_key}")]
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = budget_pb2_grpc.BudgetServiceStub(channel)
+            client = RequestPathClient(channel, metadata=metadata)
             tag = uuid.uuid4().hex[:8]
-            streams = [stub.StreamRequestPath(metadata=metadata) for _ in range(CALLERS)]
 
             async def call(index: int, n: int) -> tuple[float, float] | None:
                 request_id = f"{tag}-{index}-{n}"
-                stream = streams[index]
-                await stream.write(
-                    budget_pb2.StreamRequestPathRequest(
-                        call_id=2 * n,
-                        authorize=budget_pb2.AuthorizeRequest(
-                            key_id=key_id, request_id=request_id, estimated_cost_micros=ESTIMATE
-                        ),
-                    )
-                )
-                answer = await stream.read()
-                authorized = time.perf_counter()
-                if answer.WhichOneof("result") != "authorize":
+                try:
+                    async with asyncio.timeout(5):
+                        await client.authorize(key_id, request_id, ESTIMATE)
+                        authorized = time.perf_counter()
+                        if settle:
+                            await client.settle(
+                                budget_pb2.SettleRequest(
+                                    request_id=request_id, key_id=key_id, actual_cost_micros=ACTUAL, provider="bench"
+                                )
+                            )
+                except (RequestPathError, TimeoutError):
                     return None
-                if settle:
-                    await stream.write(
-                        budget_pb2.StreamRequestPathRequest(
-                            call_id=2 * n + 1,
-                            settle=budget_pb2.SettleRequest(
-                                request_id=request_id, key_id=key_id, actual_cost_micros=ACTUAL, provider="bench"
-                            ),
-                        )
-                    )
-                    answer = await stream.read()
-                    if answer.WhichOneof("result") != "settle":
-                        return None
                 return authorized, time.perf_counter()
 
             result = await _drive(call, seconds, rate)
-            for stream in streams:
-                await stream.done_writing()
+            await client.close()
             return result
 
     out.put(asyncio.run(run()))

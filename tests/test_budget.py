@@ -32,6 +32,7 @@ from grpc_status import rpc_status
 
 from services.budget.periods import PeriodKind, period_at
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
+from tally.clients.request_path import RequestPathClient, RequestPathError, RequestPathUnavailable
 from tally.devstack import (
     ROOT,
     Postgres,
@@ -389,39 +390,42 @@ async def test_global_budget_admits_exactly_200(budget_stack: BudgetStack) -> No
             client.put("/api/admin/budgets/global", json={"maxBudget": 1e6, "period": "monthly"})
 
 
+async def _stream_calls(
+    stack: BudgetStack, stub: budget_pb2_grpc.BudgetServiceStub, messages: list[list[budget_pb2.RequestPathCall]]
+) -> dict[int, budget_pb2.RequestPathAnswer]:
+    """Sends every message, then reads every answer (by call id) until the server ends the stream."""
+    call = stub.StreamRequestPath(metadata=stack.auth(), timeout=60)
+    for calls in messages:
+        await call.write(budget_pb2.StreamRequestPathRequest(calls=calls))
+    await call.done_writing()
+    answers: dict[int, budget_pb2.RequestPathAnswer] = {}
+    async for reply in call:
+        for answer in reply.answers:
+            assert answer.call_id not in answers
+            answers[answer.call_id] = answer
+    return answers
+
+
 async def test_request_path_stream_answers_every_call_by_id_with_the_unary_semantics(
     budget_stack: BudgetStack,
 ) -> None:
-    """500 authorizations of 5 cents on $10 spread over 4 streams (all in flight at once) admit
-    exactly 200; denials and invalid calls come back as their call's error, with the unary RPC's
-    status and details, and the stream goes on; settle and release work on the same stream."""
+    """500 authorizations of 5 cents on $10 over 4 streams, 25 calls per message (all in flight
+    at once), admit exactly 200; denials and invalid calls are answered with their call's error,
+    the unary RPC's status and details, and the stream goes on; settle and release work too."""
     key_id = new_key(budget_stack, 10.00)
     request_ids = [uuid.uuid4().hex for _ in range(500)]
 
-    async def run(
-        stub: budget_pb2_grpc.BudgetServiceStub, calls: list[budget_pb2.StreamRequestPathRequest]
-    ) -> dict[int, budget_pb2.StreamRequestPathResponse]:
-        call = stub.StreamRequestPath(metadata=budget_stack.auth(), timeout=60)
-        for message in calls:
-            await call.write(message)
-        await call.done_writing()
-        answers = {}
-        async for answer in call:
-            assert answer.call_id not in answers
-            answers[answer.call_id] = answer
-        return answers
-
-    def authorize_call(n: int, request_id: str) -> budget_pb2.StreamRequestPathRequest:
-        return budget_pb2.StreamRequestPathRequest(
+    def authorize_call(n: int, request_id: str) -> budget_pb2.RequestPathCall:
+        return budget_pb2.RequestPathCall(
             call_id=n,
             authorize=budget_pb2.AuthorizeRequest(key_id=key_id, request_id=request_id, estimated_cost_micros=50_000),
         )
 
     async with grpc.aio.insecure_channel(budget_stack.address) as channel:
         stub = budget_pb2_grpc.BudgetServiceStub(channel)
-        parts = await asyncio.gather(
-            *(run(stub, [authorize_call(n, request_ids[n]) for n in range(s, 500, 4)]) for s in range(4))
-        )
+        streams = [[authorize_call(n, request_ids[n]) for n in range(s, 500, 4)] for s in range(4)]
+        messages = [[calls[i : i + 25] for i in range(0, len(calls), 25)] for calls in streams]
+        parts = await asyncio.gather(*(_stream_calls(budget_stack, stub, m) for m in messages))
         answers = {k: v for part in parts for k, v in part.items()}
         assert sorted(answers) == list(range(500))
         allowed = [n for n, a in answers.items() if a.WhichOneof("result") == "authorize"]
@@ -434,16 +438,21 @@ async def test_request_path_stream_answers_every_call_by_id_with_the_unary_seman
         assert [v.subject for v in quota.violations] == [f"key:{key_id}"]
 
         first, second = request_ids[allowed[0]], request_ids[allowed[1]]
-        follow_up = await run(
+        follow_up = await _stream_calls(
+            budget_stack,
             stub,
             [
-                budget_pb2.StreamRequestPathRequest(call_id=1, settle=settle_request(key_id, 80_000, first)),
-                budget_pb2.StreamRequestPathRequest(call_id=2, release=budget_pb2.ReleaseRequest(request_id=second)),
-                budget_pb2.StreamRequestPathRequest(call_id=3),
-                budget_pb2.StreamRequestPathRequest(
-                    call_id=4, authorize=budget_pb2.AuthorizeRequest(key_id=key_id, estimated_cost_micros=1)
-                ),
-                authorize_call(5, request_ids[allowed[2]]),  # a retry: replayed, not reserved again
+                [
+                    budget_pb2.RequestPathCall(call_id=1, settle=settle_request(key_id, 80_000, first)),
+                    budget_pb2.RequestPathCall(call_id=2, release=budget_pb2.ReleaseRequest(request_id=second)),
+                    budget_pb2.RequestPathCall(call_id=3),
+                ],
+                [
+                    budget_pb2.RequestPathCall(
+                        call_id=4, authorize=budget_pb2.AuthorizeRequest(key_id=key_id, estimated_cost_micros=1)
+                    ),
+                    authorize_call(5, request_ids[allowed[2]]),  # a retry: replayed, not reserved again
+                ],
             ],
         )
     assert follow_up[1].settle.overspend_micros == 30_000
@@ -471,28 +480,60 @@ async def test_request_path_stream_answers_every_call_by_id_with_the_unary_seman
 
 
 async def test_request_path_stream_answers_more_calls_than_its_in_flight_window(budget_stack: BudgetStack) -> None:
-    """3,000 calls on one stream (the server reads at most 1,024 ahead of its answers), written and
-    read at the same time: every call answered once."""
+    """3,000 calls on one stream, one per message (the server reads at most 1,024 calls ahead of
+    its answers), written and read at the same time: every call answered once."""
     key_id = new_key(budget_stack, 1000.00)
     async with grpc.aio.insecure_channel(budget_stack.address) as channel:
         call = budget_pb2_grpc.BudgetServiceStub(channel).StreamRequestPath(metadata=budget_stack.auth(), timeout=120)
 
         async def write() -> None:
             for n in range(3000):
-                await call.write(
-                    budget_pb2.StreamRequestPathRequest(
-                        call_id=n,
-                        authorize=budget_pb2.AuthorizeRequest(
-                            key_id=key_id, request_id=f"window-{key_id}-{n}", estimated_cost_micros=1_000
-                        ),
-                    )
+                authorize = budget_pb2.AuthorizeRequest(
+                    key_id=key_id, request_id=f"window-{key_id}-{n}", estimated_cost_micros=1_000
                 )
+                one = budget_pb2.RequestPathCall(call_id=n, authorize=authorize)
+                await call.write(budget_pb2.StreamRequestPathRequest(calls=[one]))
             await call.done_writing()
 
         writer = asyncio.create_task(write())
-        answered = [answer.call_id async for answer in call if answer.authorize.allowed]
+        answered = [a.call_id async for reply in call for a in reply.answers if a.authorize.allowed]
         await writer
     assert sorted(answered) == list(range(3000))
+
+
+async def test_request_path_client_multiplexes_concurrent_callers_on_one_stream(budget_stack: BudgetStack) -> None:
+    """The gateway client: 500 concurrent authorizations of 5 cents on $10 on one stream admit
+    exactly 200, denials raise with the unary RPC's status; settle and release; a refused stream
+    fails its calls as unavailable."""
+    key_id = new_key(budget_stack, 10.00)
+    async with grpc.aio.insecure_channel(budget_stack.address) as channel:
+        client = RequestPathClient(channel, metadata=budget_stack.auth())
+
+        async def one(n: int) -> budget_pb2.AuthorizeResponse | RequestPathError:
+            try:
+                return await client.authorize(key_id, f"client-{key_id}-{n}", 50_000)
+            except RequestPathError as exc:
+                return exc
+
+        results = await asyncio.gather(*(one(n) for n in range(500)))
+        allowed = [n for n, r in enumerate(results) if isinstance(r, budget_pb2.AuthorizeResponse)]
+        denied = [r for r in results if isinstance(r, RequestPathError)]
+        assert (len(allowed), len(denied)) == (200, 300)
+        assert {d.code for d in denied} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        failure = denied[0].quota_failure()
+        assert failure is not None and [v.subject for v in failure.violations] == [f"key:{key_id}"]
+        assert denied[0].metadata()["denialReason"] == "DENIAL_REASON_KEY_BUDGET_EXHAUSTED"
+        settled = await client.settle(settle_request(key_id, 20_000, f"client-{key_id}-{allowed[0]}"))
+        assert settled.remaining[0].committed_micros == 200 * 50_000 - 30_000
+        assert (await client.release(f"client-{key_id}-{allowed[1]}")).released
+        await client.close()
+
+        refused = RequestPathClient(channel, metadata=[("authorization", "Bearer wrong")])
+        with pytest.raises(RequestPathUnavailable, match="UNAUTHENTICATED"):
+            await refused.authorize(key_id, uuid.uuid4().hex, 1)
+    with budget_stack.http() as http:
+        budget = http.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+    assert (budget["currentSpend"], budget["reserved"]) == (0.02, 9.9)
 
 
 def test_settle_below_and_above_the_estimate(budget_stack: BudgetStack) -> None:

@@ -58,6 +58,7 @@ _DENIALS = {
 
 # Calls of one request-path stream read and not yet answered (StreamRequestPath).
 STREAM_MAX_IN_FLIGHT = 1024
+STREAM_MAX_ANSWERS_PER_MESSAGE = 256
 
 
 def _usd(micros: int) -> float:
@@ -337,24 +338,26 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         self, request_iterator: AsyncIterator[budget_pb2.StreamRequestPathRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[budget_pb2.StreamRequestPathResponse]:
         """Answers each call as soon as it is decided: calls are run concurrently (so calls in
-        flight on many streams are batched into the same Redis round trips, as unary calls are)
-        and a call's error is sent as its answer instead of ending the stream."""
-        answers: asyncio.Queue[budget_pb2.StreamRequestPathResponse | None] = asyncio.Queue()
+        flight on many streams are batched into the same Redis round trips, as unary calls are),
+        the answers ready together go out in one message, and a call's error is sent as its
+        answer instead of ending the stream."""
+        answers: asyncio.Queue[budget_pb2.RequestPathAnswer | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         # Calls read but not yet answered to the client: reading stops at the bound (flow control
         # pushes back on a client that sends without reading its answers).
         window = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
 
-        async def answer(call: budget_pb2.StreamRequestPathRequest) -> None:
+        async def answer(call: budget_pb2.RequestPathCall) -> None:
             answers.put_nowait(await self._stream_call(call, context))
 
         async def read() -> None:
             try:
-                async for call in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(answer(call))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                async for message in request_iterator:
+                    for call in message.calls:
+                        await window.acquire()
+                        task = asyncio.create_task(answer(call))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
                 while running:
                     await asyncio.wait(list(running))
             finally:
@@ -362,9 +365,20 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (reply := await answers.get()) is not None:
-                yield reply
-                window.release()
+            finished = False
+            while not finished:
+                ready = await answers.get()
+                reply = budget_pb2.StreamRequestPathResponse()
+                while ready is not None:
+                    reply.answers.append(ready)
+                    if answers.empty() or len(reply.answers) >= STREAM_MAX_ANSWERS_PER_MESSAGE:
+                        break
+                    ready = answers.get_nowait()
+                finished = ready is None
+                if reply.answers:
+                    yield reply
+                    for _ in reply.answers:
+                        window.release()
             await reader  # re-raises a failure to read the stream
         finally:
             reader.cancel()
@@ -372,9 +386,9 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                 task.cancel()
 
     async def _stream_call(
-        self, call: budget_pb2.StreamRequestPathRequest, context: grpc.aio.ServicerContext
-    ) -> budget_pb2.StreamRequestPathResponse:
-        reply = budget_pb2.StreamRequestPathResponse(call_id=call.call_id)
+        self, call: budget_pb2.RequestPathCall, context: grpc.aio.ServicerContext
+    ) -> budget_pb2.RequestPathAnswer:
+        reply = budget_pb2.RequestPathAnswer(call_id=call.call_id)
         kind = call.WhichOneof("call")
         try:
             if kind == "authorize":

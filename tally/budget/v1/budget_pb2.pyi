@@ -348,6 +348,32 @@ Global___SettleBatchResponse: _TypeAlias = SettleBatchResponse  # noqa: Y015
 
 @_typing.final
 class StreamRequestPathRequest(_message.Message):
+    """Calls on the request-path stream: one or more (a client may send the calls that arrive
+    together in one message; each is answered on its own).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestPathCall]:
+        """The calls, each with its own call_id."""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___RequestPathCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRequestPathRequest: _TypeAlias = StreamRequestPathRequest  # noqa: Y015
+
+@_typing.final
+class RequestPathCall(_message.Message):
     """One call on the request-path stream."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -386,10 +412,34 @@ class StreamRequestPathRequest(_message.Message):
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
-Global___StreamRequestPathRequest: _TypeAlias = StreamRequestPathRequest  # noqa: Y015
+Global___RequestPathCall: _TypeAlias = RequestPathCall  # noqa: Y015
 
 @_typing.final
 class StreamRequestPathResponse(_message.Message):
+    """Answers on the request-path stream: the calls decided since the last message, in any order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestPathAnswer]:
+        """One answer per call."""
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___RequestPathAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRequestPathResponse: _TypeAlias = StreamRequestPathResponse  # noqa: Y015
+
+@_typing.final
+class RequestPathAnswer(_message.Message):
     """The answer to one call on the request-path stream."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -434,7 +484,7 @@ class StreamRequestPathResponse(_message.Message):
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
-Global___StreamRequestPathResponse: _TypeAlias = StreamRequestPathResponse  # noqa: Y015
+Global___RequestPathAnswer: _TypeAlias = RequestPathAnswer  # noqa: Y015
 
 @_typing.final
 class ReleaseRequest(_message.Message):

@@ -180,12 +180,14 @@ class BudgetServiceServicer:
 
     def StreamRequestPath(self, request_iterator, context):
         """High-rate variant of the request path (gRPC only), for a gateway with many requests in
-        flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
-        named by a client-chosen call_id. The server answers every call once, with the same call_id,
-        as soon as it is decided; answers may come in any order. A call that fails is answered with
-        its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+        flight: one long-lived stream per gateway process carries Authorize, Settle and Release
+        calls, each named by a client-chosen call_id, several per message when they arrive together.
+        The server answers every call once, with the same call_id, as soon as it is decided (answers
+        decided together share a message; any order). A call that fails is answered with its error
+        (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
         RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
         when a stream breaks may be sent again: each is idempotent per request_id.
+        tally.clients.request_path.RequestPathClient is a Python client doing all of this.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,12 +52,14 @@ class BudgetServiceStub:
     """Gives back a reservation whose request did not happen."""
     StreamRequestPath: _grpc.StreamStreamMultiCallable[_budget_pb2.StreamRequestPathRequest, _budget_pb2.StreamRequestPathResponse]
     """High-rate variant of the request path (gRPC only), for a gateway with many requests in
-    flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
-    named by a client-chosen call_id. The server answers every call once, with the same call_id,
-    as soon as it is decided; answers may come in any order. A call that fails is answered with
-    its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+    flight: one long-lived stream per gateway process carries Authorize, Settle and Release
+    calls, each named by a client-chosen call_id, several per message when they arrive together.
+    The server answers every call once, with the same call_id, as soon as it is decided (answers
+    decided together share a message; any order). A call that fails is answered with its error
+    (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
     RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
     when a stream breaks may be sent again: each is idempotent per request_id.
+    tally.clients.request_path.RequestPathClient is a Python client doing all of this.
     """
     GetOpenReservations: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetOpenReservationsRequest, _budget_pb2.GetOpenReservationsResponse]
     """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
@@ -116,12 +118,14 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Gives back a reservation whose request did not happen."""
     StreamRequestPath: _aio.StreamStreamMultiCallable[_budget_pb2.StreamRequestPathRequest, _budget_pb2.StreamRequestPathResponse]  # type: ignore[assignment]
     """High-rate variant of the request path (gRPC only), for a gateway with many requests in
-    flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
-    named by a client-chosen call_id. The server answers every call once, with the same call_id,
-    as soon as it is decided; answers may come in any order. A call that fails is answered with
-    its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+    flight: one long-lived stream per gateway process carries Authorize, Settle and Release
+    calls, each named by a client-chosen call_id, several per message when they arrive together.
+    The server answers every call once, with the same call_id, as soon as it is decided (answers
+    decided together share a message; any order). A call that fails is answered with its error
+    (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
     RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
     when a stream breaks may be sent again: each is idempotent per request_id.
+    tally.clients.request_path.RequestPathClient is a Python client doing all of this.
     """
     GetOpenReservations: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetOpenReservationsRequest, _budget_pb2.GetOpenReservationsResponse]  # type: ignore[assignment]
     """Reservations in flight now (taken by Authorize, not yet settled, released or expired) and
@@ -207,12 +211,14 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_budget_pb2.StreamRequestPathResponse], _abc.AsyncIterator[_budget_pb2.StreamRequestPathResponse]]:
         """High-rate variant of the request path (gRPC only), for a gateway with many requests in
-        flight: one long-lived stream per caller carries Authorize, Settle and Release calls, each
-        named by a client-chosen call_id. The server answers every call once, with the same call_id,
-        as soon as it is decided; answers may come in any order. A call that fails is answered with
-        its error (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
+        flight: one long-lived stream per gateway process carries Authorize, Settle and Release
+        calls, each named by a client-chosen call_id, several per message when they arrive together.
+        The server answers every call once, with the same call_id, as soon as it is decided (answers
+        decided together share a message; any order). A call that fails is answered with its error
+        (exactly the google.rpc.Status, details included, the unary RPC would return, e.g.
         RESOURCE_EXHAUSTED with QuotaFailure for a denial) and the stream goes on. Calls unanswered
         when a stream breaks may be sent again: each is idempotent per request_id.
+        tally.clients.request_path.RequestPathClient is a Python client doing all of this.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,156 @@
+"""A gateway's client for the budget request path over one long-lived stream (StreamRequestPath).
+
+Any number of coroutines call `authorize`, `settle` and `release` concurrently; the calls made
+while the previous message is being written go out together in the next one, and answers are
+matched to their callers by call id. A denial or any other per-call error raises
+`RequestPathError` carrying the same `google.rpc.Status` (code, message, QuotaFailure and
+ErrorInfo details) the unary RPC would have ended with. If the stream breaks, the calls waiting on
+it fail with `RequestPathUnavailable` and the next call opens a new stream; every call is
+idempotent per request id, so a caller may simply retry. Bound each call's wait with
+`asyncio.timeout` (a call given up on is forgotten; its answer, if it comes, is dropped).
+
+    async with grpc.aio.insecure_channel("budget:50053") as channel:
+        client = RequestPathClient(channel, metadata=[("authorization", f"Bearer {key}")])
+        try:
+            await client.authorize(key_id, request_id, estimated_cost_micros=2_000)
+        except RequestPathError as denied:
+            ...  # denied.code is grpc.StatusCode.RESOURCE_EXHAUSTED for a budget denial
+        ...
+        await client.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from tally.budget.v1 import budget_pb2, budget_pb2_grpc
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class RequestPathError(Exception):
+    """A call answered with an error status."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+        self.code: grpc.StatusCode = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+
+    def quota_failure(self) -> error_details_pb2.QuotaFailure | None:
+        for detail in self.status.details:
+            failure = error_details_pb2.QuotaFailure()
+            if detail.Unpack(failure):
+                return failure
+        return None
+
+    def metadata(self) -> dict[str, str]:
+        for detail in self.status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return dict(info.metadata)
+        return {}
+
+
+class RequestPathUnavailable(Exception):
+    """The stream broke (or could not be opened) before the call was answered."""
+
+
+class RequestPathClient:
+    def __init__(self, channel: grpc.aio.Channel, metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self._stub = budget_pb2_grpc.BudgetServiceStub(channel)
+        self._metadata = tuple(metadata)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[budget_pb2.RequestPathAnswer]] = {}
+        self._outbox: list[budget_pb2.RequestPathCall] = []
+        self._wake = asyncio.Event()
+        self._stream: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def authorize(self, key_id: str, request_id: str, estimated_cost_micros: int) -> budget_pb2.AuthorizeResponse:
+        request = budget_pb2.AuthorizeRequest(
+            key_id=key_id, request_id=request_id, estimated_cost_micros=estimated_cost_micros
+        )
+        answer = await self._call(budget_pb2.RequestPathCall(authorize=request))
+        return answer.authorize
+
+    async def settle(self, request: budget_pb2.SettleRequest) -> budget_pb2.SettleResponse:
+        answer = await self._call(budget_pb2.RequestPathCall(settle=request))
+        return answer.settle
+
+    async def release(self, request_id: str) -> budget_pb2.ReleaseResponse:
+        request = budget_pb2.ReleaseRequest(request_id=request_id)
+        answer = await self._call(budget_pb2.RequestPathCall(release=request))
+        return answer.release
+
+    async def close(self) -> None:
+        """Ends the stream after the calls already sent are answered (or fail)."""
+        if self._pending:
+            await asyncio.gather(*self._pending.values(), return_exceptions=True)
+        self._stop(RequestPathUnavailable("the client was closed"))
+
+    async def _call(self, call: budget_pb2.RequestPathCall) -> budget_pb2.RequestPathAnswer:
+        if self._stream is None:
+            self._open()
+        call.call_id = next(self._ids)
+        future: asyncio.Future[budget_pb2.RequestPathAnswer] = asyncio.get_running_loop().create_future()
+        self._pending[call.call_id] = future
+        self._outbox.append(call)
+        self._wake.set()
+        try:
+            answer = await future
+        finally:
+            self._pending.pop(call.call_id, None)
+        if answer.WhichOneof("result") == "error":
+            raise RequestPathError(answer.error)
+        return answer
+
+    def _open(self) -> None:
+        self._stream = self._stub.StreamRequestPath(metadata=self._metadata)
+        self._tasks = [asyncio.create_task(self._write(self._stream)), asyncio.create_task(self._read(self._stream))]
+
+    async def _write(self, stream: Any) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await asyncio.sleep(0)  # calls made in the same turn of the loop join this message
+                calls, self._outbox = self._outbox, []
+                if calls:
+                    await stream.write(budget_pb2.StreamRequestPathRequest(calls=calls))
+        except Exception as exc:  # any failure to write breaks the stream
+            self._stop(RequestPathUnavailable(f"the request-path stream failed: {exc}"))
+
+    async def _read(self, stream: Any) -> None:
+        error: Exception = RequestPathUnavailable("the request-path stream ended")
+        try:
+            async for reply in stream:
+                for answer in reply.answers:
+                    future = self._pending.get(answer.call_id)
+                    if future is not None and not future.done():
+                        future.set_result(answer)
+        except grpc.aio.AioRpcError as exc:
+            error = RequestPathUnavailable(f"the request-path stream failed: {exc.code().name} {exc.details()}")
+        self._stop(error)
+
+    def _stop(self, error: Exception) -> None:
+        """Fails the calls waiting on the current stream; the next call opens a new one."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._tasks = []
+        self._outbox = []
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        with contextlib.suppress(Exception):
+            self._wake.clear()
