@@ -210,14 +210,18 @@ def build_envoy_config(layout: GatewayLayout) -> dict[str, Any]:
     }
     return {
         # Bounds downstream connections (and silences Envoy's warning that none is set).
-        "overload_manager": {"resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
-                "DownstreamConnectionsConfig",
-                "max_active_downstream_connections": 10_000,
-            },
-        }]},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 10_000,
+                    },
+                }
+            ]
+        },
         "admin": {"address": {"socket_address": {"address": layout.admin_host, "port_value": layout.admin_port}}},
         "static_resources": {
             "listeners": [
