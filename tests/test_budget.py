@@ -504,7 +504,7 @@ async def test_request_path_stream_answers_more_calls_than_its_in_flight_window(
 async def test_request_path_client_multiplexes_concurrent_callers_on_one_stream(budget_stack: BudgetStack) -> None:
     """The gateway client: 500 concurrent authorizations of 5 cents on $10 on one stream admit
     exactly 200, denials raise with the unary RPC's status; settle and release; a refused stream
-    fails its calls as unavailable."""
+    fails its calls as unavailable, and the client backs off before opening another."""
     key_id = new_key(budget_stack, 10.00)
     async with grpc.aio.insecure_channel(budget_stack.address) as channel:
         client = RequestPathClient(channel, metadata=budget_stack.auth())
@@ -528,9 +528,18 @@ async def test_request_path_client_multiplexes_concurrent_callers_on_one_stream(
         assert (await client.release(f"client-{key_id}-{allowed[1]}")).released
         await client.close()
 
+        # A refused stream fails its calls; for a back-off (50 ms after a first failure) calls fail
+        # at once without opening another stream; then the next call tries a new one.
         refused = RequestPathClient(channel, metadata=[("authorization", "Bearer wrong")])
         with pytest.raises(RequestPathUnavailable, match="UNAUTHENTICATED"):
             await refused.authorize(key_id, uuid.uuid4().hex, 1)
+        with pytest.raises(RequestPathUnavailable, match="next attempt"):
+            await refused.authorize(key_id, uuid.uuid4().hex, 1)
+        assert refused.streams_opened == 1
+        await asyncio.sleep(0.2)
+        with pytest.raises(RequestPathUnavailable, match="UNAUTHENTICATED"):
+            await refused.authorize(key_id, uuid.uuid4().hex, 1)
+        assert refused.streams_opened == 2
     with budget_stack.http() as http:
         budget = http.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
     assert (budget["currentSpend"], budget["reserved"]) == (0.02, 9.9)

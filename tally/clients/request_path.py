@@ -5,9 +5,11 @@ while the previous message is being written go out together in the next one, and
 matched to their callers by call id. A denial or any other per-call error raises
 `RequestPathError` carrying the same `google.rpc.Status` (code, message, QuotaFailure and
 ErrorInfo details) the unary RPC would have ended with. If the stream breaks, the calls waiting on
-it fail with `RequestPathUnavailable` and the next call opens a new stream; every call is
-idempotent per request id, so a caller may simply retry. Bound each call's wait with
-`asyncio.timeout` (a call given up on is forgotten; its answer, if it comes, is dropped).
+it fail with `RequestPathUnavailable`; calls then fail the same way at once for a back-off
+(50 ms, doubling with each failed stream up to 5 s) before a call opens a new stream. Every call
+is idempotent per request id, so a caller may simply retry (or apply its own failure policy).
+Bound each call's wait with `asyncio.timeout` (a call given up on is forgotten; its answer, if it
+comes, is dropped).
 
     async with grpc.aio.insecure_channel("budget:50053") as channel:
         client = RequestPathClient(channel, metadata=[("authorization", f"Bearer {key}")])
@@ -33,6 +35,8 @@ from google.rpc import error_details_pb2, status_pb2
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+BACKOFF_FIRST_SECONDS = 0.05
+BACKOFF_MAX_SECONDS = 5.0
 
 
 class RequestPathError(Exception):
@@ -72,6 +76,9 @@ class RequestPathClient:
         self._wake = asyncio.Event()
         self._stream: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._backoff = 0.0  # seconds; doubles with each stream that fails before answering
+        self._retry_at = 0.0  # loop time before which no new stream is opened
+        self.streams_opened = 0
 
     async def authorize(self, key_id: str, request_id: str, estimated_cost_micros: int) -> budget_pb2.AuthorizeResponse:
         request = budget_pb2.AuthorizeRequest(
@@ -97,6 +104,9 @@ class RequestPathClient:
 
     async def _call(self, call: budget_pb2.RequestPathCall) -> budget_pb2.RequestPathAnswer:
         if self._stream is None:
+            wait = self._retry_at - asyncio.get_running_loop().time()
+            if wait > 0:
+                raise RequestPathUnavailable(f"the request-path stream failed; next attempt in {wait:.2f} s")
             self._open()
         call.call_id = next(self._ids)
         future: asyncio.Future[budget_pb2.RequestPathAnswer] = asyncio.get_running_loop().create_future()
@@ -112,6 +122,7 @@ class RequestPathClient:
         return answer
 
     def _open(self) -> None:
+        self.streams_opened += 1
         self._stream = self._stub.StreamRequestPath(metadata=self._metadata)
         self._tasks = [asyncio.create_task(self._write(self._stream)), asyncio.create_task(self._read(self._stream))]
 
@@ -125,18 +136,34 @@ class RequestPathClient:
                 if calls:
                     await stream.write(budget_pb2.StreamRequestPathRequest(calls=calls))
         except Exception as exc:  # any failure to write breaks the stream
-            self._stop(RequestPathUnavailable(f"the request-path stream failed: {exc}"))
+            reason = str(exc)
+            with contextlib.suppress(Exception):  # the status the stream ended with, when it did
+                async with asyncio.timeout(1):
+                    reason = f"{(await stream.code()).name} {await stream.details()}"
+            self._fail(stream, RequestPathUnavailable(f"the request-path stream failed: {reason}"))
 
     async def _read(self, stream: Any) -> None:
-        error: Exception = RequestPathUnavailable("the request-path stream ended")
         try:
             async for reply in stream:
+                self._backoff = 0.0
                 for answer in reply.answers:
                     future = self._pending.get(answer.call_id)
                     if future is not None and not future.done():
                         future.set_result(answer)
         except grpc.aio.AioRpcError as exc:
-            error = RequestPathUnavailable(f"the request-path stream failed: {exc.code().name} {exc.details()}")
+            message = f"the request-path stream failed: {exc.code().name} {exc.details()}"
+            self._fail(stream, RequestPathUnavailable(message))
+            return
+        if stream is self._stream:  # the server ended it (shutting down): the next call opens another
+            self._stop(RequestPathUnavailable("the request-path stream ended"))
+
+    def _fail(self, stream: Any, error: Exception) -> None:
+        """A failed stream: after it, calls fail at once (no new stream) for a while: 50 ms,
+        doubling with each failure in a row up to 5 s; the first answer on a stream resets it."""
+        if stream is not self._stream:
+            return  # already stopped (its reader and writer both see the failure)
+        self._backoff = min(max(2 * self._backoff, BACKOFF_FIRST_SECONDS), BACKOFF_MAX_SECONDS)
+        self._retry_at = asyncio.get_running_loop().time() + self._backoff
         self._stop(error)
 
     def _stop(self, error: Exception) -> None:
