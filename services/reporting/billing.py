@@ -81,7 +81,7 @@ def plan_billing(
             window = month_window(previous, "billingCycle", settings.zone)
             cycle = previous
         elif period:
-            span = parse_period(period, "period", max_days=settings.reporting_export_max_days)
+            _, span = parse_period(period, "period", max_days=settings.reporting_export_max_days)
             end = floor_to(now, HOUR)  # complete hours only, so the window is exact and repeatable
             window = Window(end - span, end)
         else:

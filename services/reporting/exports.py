@@ -142,7 +142,7 @@ def plan_export(
         violations.add("period", "give either period or start and end, not both")
     elif request.period:
         try:
-            span = parse_period(request.period, "period", max_days=settings.reporting_export_max_days)
+            _, span = parse_period(request.period, "period", max_days=settings.reporting_export_max_days)
             window = Window(now - span, now)
         except InvalidArgument as exc:  # fold into the others
             for violation in exc.violations:
@@ -156,7 +156,7 @@ def plan_export(
             window = Window(timestamp(request.start), timestamp(request.end))
             if window.end <= window.start:
                 violations.add("end", "must be after start")
-            elif window.span.days > settings.reporting_export_max_days:
+            elif window.length.days > settings.reporting_export_max_days:
                 violations.add("end", f"the window must be at most {settings.reporting_export_max_days} days")
     else:
         violations.add("period", 'required: a period such as "30d", or start and end')

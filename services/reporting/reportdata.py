@@ -318,4 +318,4 @@ def bucket_label(at: datetime, granularity: str) -> str:
 
 
 def trend_granularity(window: Window) -> str:
-    return "hourly" if window.span <= timedelta(hours=48) else "daily"
+    return "hourly" if window.length <= timedelta(hours=48) else "daily"

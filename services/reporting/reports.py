@@ -377,7 +377,7 @@ async def _scheduled_section(
             )
         ]
     # forecasts: a linear run-rate over the window
-    days = Decimal(window.span.total_seconds()) / Decimal(86400)
+    days = Decimal(window.length.total_seconds()) / Decimal(86400)
     per_day = (rd.usd(totals["cost_micros"]) / days).quantize(Decimal("0.000001")) if days else Decimal(0)
     requests_per_day = (Decimal(totals["requests"]) / days).quantize(Decimal("0.1")) if days else Decimal(0)
     return [
@@ -417,7 +417,7 @@ class ReportRunner:
     async def run(self, report: dict[str, Any], claim: Claim, now: datetime | None = None) -> uuid.UUID | None:
         """Runs a report once; for a scheduled fire, only if this call claims it. Returns the run id."""
         end = claim.scheduled_for or now or datetime.now(UTC)
-        span = parse_period(report["period"], "period", max_days=100_000)
+        _, span = parse_period(report["period"], "period", max_days=100_000)
         window = Window(end - span, end)
         run_id = uuid.uuid4()
         async with self._db.transaction() as conn:

@@ -3,53 +3,17 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from google.protobuf import timestamp_pb2
 
 from tally.runtime.errors import InvalidArgument
+from tally.runtime.windows import DAY, HOUR, Window, ceil_to, floor_to, parse_period
 
-_PERIOD = re.compile(r"^([1-9][0-9]{0,4})([hd])$")
+__all__ = ["DAY", "HOUR", "Window", "ceil_to", "floor_to", "iso", "month_window", "parse_period", "timestamp"]
+
 _MONTH = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
-HOUR = timedelta(hours=1)
-DAY = timedelta(days=1)
-
-
-@dataclass(frozen=True)
-class Window:
-    """`[start, end)` in UTC."""
-
-    start: datetime
-    end: datetime
-
-    @property
-    def span(self) -> timedelta:
-        return self.end - self.start
-
-
-def parse_period(value: str, field: str, *, max_days: int) -> timedelta:
-    """ "<n>h" or "<n>d" as a duration; anything else is a 400 naming `field`."""
-    match = _PERIOD.match(value.strip())
-    if not match:
-        raise InvalidArgument.field(field, f'must look like "24h" or "30d", got {value[:32]!r}')
-    amount = int(match[1])
-    span = timedelta(hours=amount) if match[2] == "h" else timedelta(days=amount)
-    if span > timedelta(days=max_days):
-        raise InvalidArgument.field(field, f"must be at most {max_days} days")
-    return span
-
-
-def floor_to(at: datetime, width: timedelta) -> datetime:
-    """Floors a UTC instant to a multiple of `width` since the epoch (hours, days)."""
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    return epoch + ((at - epoch) // width) * width
-
-
-def ceil_to(at: datetime, width: timedelta) -> datetime:
-    floored = floor_to(at, width)
-    return floored if floored == at else floored + width
 
 
 def timestamp(value: timestamp_pb2.Timestamp) -> datetime:
