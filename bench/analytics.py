@@ -36,7 +36,7 @@ from tally.demo import load
 from tally.runtime.config import ServiceName
 from tally.usage import TOTAL_TOKENS_SQL
 from tally.usage.histogram import bucket_of
-from tally.usage.schema import TABLES
+from tally.usage.schema import SMALL_INPUT_TOKENS, TABLES
 
 DAYS = 90
 
@@ -106,7 +106,7 @@ END = "date_trunc('hour', now()) + interval '1 hour'"
 WINDOW = f"event_time >= {END} - %(w)s::interval AND event_time < {END}"
 PREVIOUS = f"event_time >= {END} - 2 * %(w)s::interval AND event_time < {END} - %(w)s::interval"
 DAYS_WINDOW = "event_time >= date_trunc('day', now()) - interval '89 days'"
-SMALL = "input_tokens < 1000 AND NOT tools_used AND operation IN ('chat.completions', 'completions')"
+SMALL = f"input_tokens < {SMALL_INPUT_TOKENS} AND NOT tools_used AND operation IN ('chat.completions', 'completions')"
 PERCENTILES = "ARRAY[0.5, 0.9, 0.95, 0.99]"
 Compare = Callable[[Any, list[tuple[Any, ...]]], tuple[Any, Any]]
 RAW: dict[str, tuple[tuple[str, ...], Compare]] = {

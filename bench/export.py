@@ -20,8 +20,8 @@ import psycopg
 
 from bench.common import bench_stack, write_results
 from services.reporting.exports import DEFAULT_FIELDS, ExportPlan, select_sql
-from services.reporting.windows import Window
 from tally.runtime.config import ServiceName
+from tally.runtime.windows import Window
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "claude-3-haiku", "gemini-1.5-flash"]

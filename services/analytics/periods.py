@@ -16,33 +16,7 @@ import math
 from datetime import datetime, timedelta
 
 from tally.runtime.errors import InvalidArgument
-from tally.runtime.windows import (
-    DAY,
-    HOUR,
-    PERIOD_HELP,
-    WEEK,
-    WEEK_ORIGIN,
-    Window,
-    ceil_to,
-    floor_to,
-    parse_period,
-)
-
-__all__ = [
-    "DAY",
-    "GRANULARITIES",
-    "HOUR",
-    "PERIOD_HELP",
-    "WEEK_ORIGIN",
-    "Window",
-    "bucket_window",
-    "ceil_to",
-    "choose",
-    "default_granularity",
-    "floor_to",
-    "hour_window",
-    "parse_period",
-]
+from tally.runtime.windows import DAY, HOUR, WEEK, Window, floor_to
 
 GRANULARITIES: dict[str, timedelta] = {
     "minute": timedelta(minutes=1),

@@ -24,8 +24,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from services.analytics.periods import DAY, Window, ceil_to, floor_to
 from tally.runtime.db import Database
+from tally.runtime.windows import DAY, Window, ceil_to, floor_to
 from tally.usage import TOTAL_TOKENS_SQL
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS
 

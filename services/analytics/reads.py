@@ -22,18 +22,7 @@ from typing import Any
 import grpc
 
 from services.analytics import model
-from services.analytics.periods import (
-    DAY,
-    GRANULARITIES,
-    HOUR,
-    Window,
-    bucket_window,
-    choose,
-    default_granularity,
-    floor_to,
-    hour_window,
-    parse_period,
-)
+from services.analytics.periods import GRANULARITIES, bucket_window, choose, default_granularity, hour_window
 from services.analytics.queries import LATENCY_SUMS, TTFT_SUMS, AnalyticsQueries, Rollup, Totals
 from tally.analytics.v1 import analytics_pb2 as pb
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
@@ -43,6 +32,7 @@ from tally.runtime.db import Database
 from tally.runtime.errors import InvalidArgument, NotFound
 from tally.runtime.redis import RedisClient
 from tally.runtime.validation import require_uuid
+from tally.runtime.windows import DAY, HOUR, Window, floor_to, parse_period
 from tally.usage import live
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, percentile
 

@@ -35,8 +35,8 @@ from services.budget.store import (
 from services.budget.tasks import BackgroundTasks
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.notify import DeliveryWorker
-from tally.runtime.errors import Internal, InvalidArgument, NotFound, QuotaExceeded, Unavailable
-from tally.runtime.interceptor import as_service_error
+from tally.runtime.errors import InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from tally.runtime.interceptor import caller_error
 from tally.runtime.redis import create_redis
 from tally.runtime.server import Registration, Resources
 from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size, require_uuid
@@ -400,11 +400,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             else:
                 raise InvalidArgument.field("call", "one of authorize, settle or release is required")
         except Exception as exc:
-            error = as_service_error(exc, "/tally.budget.v1.BudgetService/StreamRequestPath")
-            if error is None:
-                log.exception("request-path stream call failed", extra={"call": kind})
-                error = Internal("the call failed")
-            reply.error.CopyFrom(error.to_status())
+            reply.error.CopyFrom(caller_error(exc, "/tally.budget.v1.BudgetService/StreamRequestPath").to_status())
         return reply
 
     async def GetOpenReservations(

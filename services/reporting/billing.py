@@ -20,12 +20,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from services.reporting.windows import DAY, HOUR, Window, ceil_to, floor_to, iso, month_window, parse_period
+from services.reporting.windows import iso, month_window
 from tally.reporting.v1 import reporting_pb2
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.errors import InvalidArgument
 from tally.runtime.validation import Violations
+from tally.runtime.windows import DAY, HOUR, Window, ceil_to, floor_to, parse_period
 
 GROUPS = ("virtual_key", "provider", "model")
 SUMS = (

@@ -29,13 +29,14 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
-from services.reporting.windows import DAY, HOUR, Window, floor_to, parse_period, timestamp
+from services.reporting.windows import timestamp
 from tally.reporting.v1 import reporting_pb2
 from tally.runtime import context
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.errors import InvalidArgument
 from tally.runtime.validation import Violations
+from tally.runtime.windows import DAY, HOUR, Window, floor_to, parse_period
 from tally.usage import TOTAL_TOKENS_SQL
 
 log = logging.getLogger("tally.reporting.export")

@@ -13,8 +13,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from services.reporting.windows import DAY, HOUR, Window, ceil_to, floor_to, iso
+from services.reporting.windows import iso
 from tally.runtime.db import Database
+from tally.runtime.windows import DAY, HOUR, Window, ceil_to, floor_to
 
 MICRO = Decimal(1_000_000)
 DIMENSIONS = {"provider": "provider", "model": "model", "virtual_key": "key_id", "operation": "operation"}

@@ -36,13 +36,13 @@ from services.reporting import reportdata as rd
 from services.reporting.exports import usd_to_micros
 from services.reporting.render import CONTENT_TYPES, EXTENSIONS, FORMATS, render
 from services.reporting.schedules import Schedule, parse_recipients, parse_schedule
-from services.reporting.windows import Window, parse_period
 from tally.notify import Notification, enqueue
 from tally.reporting.v1 import reporting_pb2
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from tally.runtime.validation import Violations, decode_page_token, encode_page_token, page_size
+from tally.runtime.windows import Window, parse_period
 
 log = logging.getLogger("tally.reporting.reports")
 

@@ -9,9 +9,7 @@ from zoneinfo import ZoneInfo
 from google.protobuf import timestamp_pb2
 
 from tally.runtime.errors import InvalidArgument
-from tally.runtime.windows import DAY, HOUR, Window, ceil_to, floor_to, parse_period
-
-__all__ = ["DAY", "HOUR", "Window", "ceil_to", "floor_to", "iso", "month_window", "parse_period", "timestamp"]
+from tally.runtime.windows import Window
 
 _MONTH = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
 

@@ -179,5 +179,4 @@ class RequestPathClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        with contextlib.suppress(Exception):
-            self._wake.clear()
+        self._wake.clear()

@@ -109,11 +109,6 @@ class DeadlineExceeded(ServiceError):
     reason = "DEADLINE_EXCEEDED"
 
 
-class Internal(ServiceError):
-    code = grpc.StatusCode.INTERNAL
-    reason = "INTERNAL"
-
-
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "NOT_IMPLEMENTED_YET"

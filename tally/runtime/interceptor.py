@@ -73,6 +73,18 @@ def as_service_error(exc: BaseException, method: str) -> ServiceError | None:
     return None
 
 
+def caller_error(exc: BaseException, method: str) -> ServiceError:
+    """The error the caller sees for `exc`: an unexpected one is logged and becomes INTERNAL
+    naming the call's correlation id; unavailable dependencies and deadlines are logged as warnings."""
+    error = as_service_error(exc, method)
+    if error is None:
+        log.error("unhandled error", exc_info=exc)
+        return ServiceError(f"internal error (correlation id {context.correlation_id.get()})")
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        log.warning("%s: %s", error.code.name, error.message, extra={"cause": repr(exc)})
+    return error
+
+
 class _Call:
     """State of one call between the interceptor and the wrapped handler."""
 
@@ -162,12 +174,7 @@ class _Call:
 
     async def fail(self, ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
         """Aborts the call with the status `exc` maps to (raises grpc.aio.AbortError)."""
-        error = as_service_error(exc, self.method)
-        if error is None:
-            log.error("unhandled error", exc_info=exc)
-            error = ServiceError(f"internal error (correlation id {self.correlation_id})")
-        elif error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            log.warning("%s: %s", error.code.name, error.message, extra={"cause": repr(exc)})
+        error = caller_error(exc, self.method)
         self.code = error.code
         await ctx.abort_with_status(rpc_status.to_status(error.to_status()))
 

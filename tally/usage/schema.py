@@ -58,6 +58,8 @@ class RollupTable:
     # Compactions of this table run one at a time (under COMPACTION_LOCK, taken first in their
     # transaction), and `compact_sql` is this statement instead of the plain merge.
     exclusive_sql: str | None = None
+    # A table of `width` buckets writers mark for compaction besides leaving duplicate rows.
+    dirty_marks: str | None = None
 
     def compact_sql(self) -> str:
         if self.exclusive_sql is not None:
@@ -86,8 +88,8 @@ class RollupTable:
         return f"interval '{int(self.width.total_seconds())} s'"
 
     def duplicated_buckets_sql(self) -> str:
-        """The `width` spans (from %(since)s on) holding more than one row of some group (and, for the
-        provider minutes, the hours marked dirty)."""
+        """The `width` spans (from %(since)s on) holding more than one row of some group, and those
+        marked in `dirty_marks`."""
         keys = ", ".join(self.group)
         if self.grain is None:
             found = f"""
@@ -97,8 +99,8 @@ class RollupTable:
             found = f"""
                 SELECT time_bucket({self._span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %(since)s
                 GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))"""  # noqa: S608 (constants)
-        if self.exclusive_sql is not None:
-            found += "\n                UNION SELECT bucket FROM provider_minutes_dirty WHERE bucket >= %(since)s"
+        if self.dirty_marks is not None:
+            found += f"\n                UNION SELECT bucket FROM {self.dirty_marks} WHERE bucket >= %(since)s"  # noqa: S608 (constants)
         return found
 
     def bucket_of(self, at: datetime) -> datetime:
@@ -140,6 +142,7 @@ PROVIDER_MINUTES = RollupTable(
     ("requests", "server_failures"),
     timedelta(minutes=1),
     exclusive_sql=_PROVIDER_MINUTES_COMPACT,
+    dirty_marks="provider_minutes_dirty",
 )
 TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY, PROVIDER_MINUTES)
 
