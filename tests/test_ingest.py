@@ -477,9 +477,29 @@ def test_stream_acknowledges_each_committed_batch(
     batches = [factory.events(100, recent(hours=2), timedelta(hours=1)) for _ in range(5)]
     requests = iter([ingest_pb2.StreamUsageRequest(batch_id=f"b{i}", events=b) for i, b in enumerate(batches)])
     acks = list(stub.StreamUsage(requests, timeout=60, metadata=stack.auth()))
-    assert [a.batch_id for a in acks] == [f"b{i}" for i in range(5)]
+    # Batches are stored concurrently: acknowledgements are matched by batch id, not position.
+    assert sorted(a.batch_id for a in acks) == [f"b{i}" for i in range(5)]
     assert all(a.result.accepted == 100 for a in acks)
     assert raw_totals(stack, factory.keys)[0] == 500
+
+
+def test_stream_acknowledges_batches_taken_in_before_an_invalid_one(
+    stack: Stack, stub: ingest_pb2_grpc.IngestServiceStub, prices: list[TestPrice]
+) -> None:
+    factory = factory_for(prices, seed=13)
+    batches = [factory.events(50, recent(hours=2), timedelta(hours=1)) for _ in range(4)]
+    requests = [ingest_pb2.StreamUsageRequest(batch_id=f"b{i}", events=b) for i, b in enumerate(batches)]
+    requests.append(ingest_pb2.StreamUsageRequest(events=factory.events(5, recent(hours=2), timedelta(hours=1))))
+    acks: list[ingest_pb2.StreamUsageResponse] = []
+    answers = stub.StreamUsage(iter(requests), timeout=60, metadata=stack.auth())
+    with pytest.raises(grpc.RpcError) as caught:
+        acks.extend(answers)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "batchId" in (caught.value.details() or "")
+    # Every valid batch read before the invalid one was stored and acknowledged; the invalid one
+    # stored nothing.
+    assert sorted(a.batch_id for a in acks) == ["b0", "b1", "b2", "b3"]
+    assert raw_totals(stack, factory.keys)[0] == 200
 
 
 def test_oversized_batch_is_refused(

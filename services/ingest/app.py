@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -93,6 +94,10 @@ class Ingestor:
         )
 
 
+# Batches of one StreamUsage stream stored at once (read ahead of their acknowledgements).
+STREAM_READ_AHEAD = 8
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """RPCs not overridden here answer UNIMPLEMENTED until their issue lands."""
 
@@ -129,11 +134,55 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def StreamUsage(
         self, request_iterator: AsyncIterator[ingest_pb2.StreamUsageRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ingest_pb2.StreamUsageResponse]:
-        async for batch in request_iterator:
-            if not batch.batch_id:
-                raise InvalidArgument.field("batchId", "required (acknowledgements are matched by it)")
-            result = await self._ingestor.record(batch.events)
-            yield ingest_pb2.StreamUsageResponse(batch_id=batch.batch_id, result=result)
+        """Stores up to STREAM_READ_AHEAD batches of the stream at once (a caller may keep that
+        many unacknowledged) and acknowledges each as soon as it is committed, so acknowledgements
+        may come in another order than the batches. An invalid batch or a failed one ends the
+        stream after the batches already taken in are acknowledged."""
+        window = asyncio.Semaphore(STREAM_READ_AHEAD)
+        finished: asyncio.Queue[tuple[str, asyncio.Task[ingest_pb2.RecordUsageBatchResult]] | None] = asyncio.Queue()
+        in_flight: set[asyncio.Task[ingest_pb2.RecordUsageBatchResult]] = set()
+
+        def acknowledge(batch_id: str, task: asyncio.Task[ingest_pb2.RecordUsageBatchResult]) -> None:
+            finished.put_nowait((batch_id, task))
+
+        async def read() -> None:
+            try:
+                async for batch in request_iterator:
+                    if not batch.batch_id:
+                        raise InvalidArgument.field("batchId", "required (acknowledgements are matched by it)")
+                    await window.acquire()
+                    task = asyncio.create_task(self._ingestor.record(batch.events))
+                    in_flight.add(task)
+                    task.add_done_callback(functools.partial(acknowledge, batch.batch_id))
+            finally:
+                finished.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        failure: BaseException | None = None
+        reading = True
+        try:
+            while reading or in_flight:
+                item = await finished.get()
+                if item is None:  # the reader has stopped (its finally block), or is stopping
+                    reading = False
+                    await asyncio.wait({reader})
+                    if not reader.cancelled() and reader.exception() is not None:
+                        failure = failure or reader.exception()
+                    continue
+                batch_id, task = item
+                in_flight.discard(task)
+                window.release()
+                if task.cancelled() or task.exception() is not None:
+                    failure = failure or task.exception() or asyncio.CancelledError()
+                    reader.cancel()
+                    continue
+                yield ingest_pb2.StreamUsageResponse(batch_id=batch_id, result=task.result())
+            if failure is not None:
+                raise failure
+        finally:
+            reader.cancel()
+            for task in in_flight:
+                task.cancel()
 
     async def GetIngestionStatus(
         self, request: ingest_pb2.GetIngestionStatusRequest, context: grpc.aio.ServicerContext

@@ -115,7 +115,9 @@ class IngestServiceServicer:
         batch_id; the server answers each batch with one acknowledgement carrying the same batch_id
         and the per-item results. An acknowledgement means the batch is committed to TimescaleDB;
         a batch not acknowledged when the stream breaks must be resent (duplicates are reported,
-        never counted twice). Clients match acknowledgements by batch_id, not by position.
+        never counted twice). The server stores up to 8 batches of a stream at once, so a client
+        may keep several unacknowledged; acknowledgements come as batches commit, which may be in
+        another order, so clients match them by batch_id, not by position.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,9 @@ class IngestServiceStub:
     batch_id; the server answers each batch with one acknowledgement carrying the same batch_id
     and the per-item results. An acknowledgement means the batch is committed to TimescaleDB;
     a batch not acknowledged when the stream breaks must be resent (duplicates are reported,
-    never counted twice). Clients match acknowledgements by batch_id, not by position.
+    never counted twice). The server stores up to 8 batches of a stream at once, so a client
+    may keep several unacknowledged; acknowledgements come as batches commit, which may be in
+    another order, so clients match them by batch_id, not by position.
     """
     GetIngestionStatus: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestionStatusRequest, _ingest_pb2.GetIngestionStatusResponse]
     """Ingestion health: last event and ingest times, recent rates, outcome counts and the oldest
@@ -105,7 +107,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     batch_id; the server answers each batch with one acknowledgement carrying the same batch_id
     and the per-item results. An acknowledgement means the batch is committed to TimescaleDB;
     a batch not acknowledged when the stream breaks must be resent (duplicates are reported,
-    never counted twice). Clients match acknowledgements by batch_id, not by position.
+    never counted twice). The server stores up to 8 batches of a stream at once, so a client
+    may keep several unacknowledged; acknowledgements come as batches commit, which may be in
+    another order, so clients match them by batch_id, not by position.
     """
     GetIngestionStatus: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestionStatusRequest, _ingest_pb2.GetIngestionStatusResponse]  # type: ignore[assignment]
     """Ingestion health: last event and ingest times, recent rates, outcome counts and the oldest
@@ -169,7 +173,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         batch_id; the server answers each batch with one acknowledgement carrying the same batch_id
         and the per-item results. An acknowledgement means the batch is committed to TimescaleDB;
         a batch not acknowledged when the stream breaks must be resent (duplicates are reported,
-        never counted twice). Clients match acknowledgements by batch_id, not by position.
+        never counted twice). The server stores up to 8 batches of a stream at once, so a client
+        may keep several unacknowledged; acknowledgements come as batches commit, which may be in
+        another order, so clients match them by batch_id, not by position.
         """
 
     @_abc_1.abstractmethod
