@@ -285,9 +285,13 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         try:
             return await self._engine.settle(items)
         except StoreUnavailable as exc:
-            metrics.FAILURE_POLICY.labels(operation, "unavailable").inc()
-            log.warning("redis unreachable: settle not recorded (reconcile rebuilds it)", extra={"cause": str(exc)})
-            raise Unavailable("the budget store is unreachable", metadata={"dependency": "redis"}) from exc
+            raise self._settle_unavailable(operation, exc) from exc
+
+    @staticmethod
+    def _settle_unavailable(operation: str, exc: StoreUnavailable) -> Unavailable:
+        metrics.FAILURE_POLICY.labels(operation, "unavailable").inc()
+        log.warning("redis unreachable: settle not recorded (reconcile rebuilds it)", extra={"cause": str(exc)})
+        return Unavailable("the budget store is unreachable", metadata={"dependency": "redis"})
 
     async def Settle(
         self, request: budget_pb2.SettleRequest, context: grpc.aio.ServicerContext
@@ -313,12 +317,14 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         if len(request.items) > self._settings.ingest_max_batch:
             raise InvalidArgument.field("items", f"at most {self._settings.ingest_max_batch} items per call")
         items = self._settle_items(request.items, "items")
-        outcomes = await self._settle(items, "settle_batch")
-        already = sum(1 for o in outcomes if o.already_settled)
+        try:
+            total = await self._engine.settle_batch(items)
+        except StoreUnavailable as exc:
+            raise self._settle_unavailable("settle_batch", exc) from exc
         return budget_pb2.SettleBatchResponse(
-            settled=len(outcomes) - already,
-            already_settled=already,
-            overspend_micros=sum(o.overspend for o in outcomes),
+            settled=total.settled,
+            already_settled=total.already_settled,
+            overspend_micros=total.overspend_unreserved + total.overspend_open,
         )
 
     async def Release(

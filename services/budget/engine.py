@@ -26,11 +26,16 @@ from services.budget.store import (
     AuthorizeEntry,
     AuthorizeResult,
     BudgetStore,
+    GlobalGroup,
+    KeyGroup,
     Outcome,
     ScopeCall,
     ScopeConfig,
     SettleEntry,
     SettleResult,
+    SpendChunk,
+    SpendItem,
+    SpendResult,
     counter_key,
     key_scope,
     provider_key,
@@ -55,6 +60,8 @@ AUTHORIZE_BATCH = 256
 # (10-20 us per settlement measured on the 2-core machine), so a large SettleBatch runs as
 # chunks of this size (1-2 ms each), all sent in one pipeline: one round trip.
 SETTLE_CHUNK = 100
+# Most settlements per script run of a SettleBatch (lua.SETTLE_SPEND: 2-3 us each).
+SPEND_CHUNK = 500
 
 
 class StoreUnavailable(Exception):
@@ -278,6 +285,129 @@ class BudgetEngine:
                 # The spend is settled; the next settle (or the maintenance pass) evaluates again.
                 log.exception("threshold evaluation failed", extra={"scope": spend.scope})
         return outcomes
+
+    async def settle_batch(self, items: Sequence[SettleItem]) -> SpendResult:
+        """Settles a batch of usage (the ingest hand-off): the same decisions as `settle`, item by
+        item, but each counter is touched once per script run and the answer is the batch's
+        totals (`keys` and `globals` are left empty). Thresholds are evaluated once per scope."""
+        items = await self._with_key_ids(items)
+        parts = [items[start : start + SPEND_CHUNK] for start in range(0, len(items), SPEND_CHUNK)]
+        todo = list(range(len(parts)))
+        done: list[SpendResult] = []
+        spends: dict[tuple[str, str], ScopeSpend] = {}
+        for _ in range(4):
+            now = datetime.now(UTC)
+            chunks = [self._spend_chunk(parts[number], now) for number in todo]
+            timeout = self._timeout(chunks=len(chunks))
+            if timeout <= 0:
+                raise StoreUnavailable("no time left before the caller's deadline")
+            try:
+                async with asyncio.timeout(timeout):
+                    results = await self.store.settle_spend(chunks, settled_ttl_ms=self._settled_ttl_ms)
+            except _REDIS_FAILURES as exc:
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            retry: list[int] = []
+            loaded = True
+            for number, chunk, result in zip(todo, chunks, results, strict=True):
+                if result.outcome is Outcome.NOT_LOADED:
+                    loaded = False
+                    retry.append(number)
+                elif result.outcome is Outcome.STALE:
+                    for scope, config in result.stale:
+                        self._remember(scope, config)
+                    retry.append(number)
+                else:
+                    done.append(result)
+                    self._spent(chunk, result, spends)
+            if not retry:
+                break
+            if not loaded:
+                await self.ensure_loaded()
+            todo = retry
+        else:
+            raise Unavailable("the budget configuration kept changing during the call; retry")
+        total = SpendResult(
+            Outcome.DONE,
+            already_settled=sum(r.already_settled for r in done),
+            settled=sum(r.settled for r in done),
+            overspend_unreserved=sum(r.overspend_unreserved for r in done),
+            overspend_open=sum(r.overspend_open for r in done),
+            open_items=sum(r.open_items for r in done),
+            first_open=next((r.first_open for r in done if r.first_open), ""),
+        )
+        # Spend with no open reservation is counted, not logged (see _settle_items).
+        if total.overspend_unreserved:
+            metrics.OVERSPEND.labels("none").inc(total.overspend_unreserved)
+        if total.open_items:
+            metrics.OVERSPEND.labels("open").inc(total.overspend_open)
+            log.warning(
+                "settled above the reservation",
+                extra={
+                    "items": total.open_items,
+                    "overspendMicros": total.overspend_open,
+                    "firstRequestId": total.first_open,
+                },
+            )
+        for spend in spends.values():
+            try:
+                await self.evaluator.on_spend(spend)
+            except Exception:
+                # The spend is settled; the next settle (or the maintenance pass) evaluates again.
+                log.exception("threshold evaluation failed", extra={"scope": spend.scope})
+        return total
+
+    def _spend_chunk(self, items: Sequence[SettleItem], now: datetime) -> SpendChunk:
+        """The items with their counter groups (one per distinct counter)."""
+        key_index: dict[str, int] = {}
+        global_index: dict[str, int] = {}
+        key_groups: list[KeyGroup] = []
+        global_groups: list[GlobalGroup] = []
+        global_config = self._cached(GLOBAL_SCOPE)
+        spend: list[SpendItem] = []
+        for item in items:
+            at = item.event_time or now
+            scope = key_scope(item.key_id)
+            key_call = self.call(scope, self._cached(scope), at)
+            key_number = key_index.get(key_call.counter)
+            if key_number is None:
+                key_number = key_index[key_call.counter] = len(key_groups)
+                key_groups.append(KeyGroup(item.key_id, key_call, self.period(key_call.config, at)))
+            global_call = self.call(GLOBAL_SCOPE, global_config, at)
+            global_number = global_index.get(global_call.counter)
+            if global_number is None:
+                global_number = global_index[global_call.counter] = len(global_groups)
+                period = self.period(global_call.config, at)
+                global_groups.append(GlobalGroup(global_call, period, provider_key(period, global_call.config.tz)))
+            spend.append(
+                SpendItem(
+                    item.request_id,
+                    item.actual,
+                    key_number,
+                    global_number,
+                    item.provider or "unknown",
+                    item.transaction_id,
+                )
+            )
+        return SpendChunk(key_groups, global_groups, spend)
+
+    @staticmethod
+    def _spent(chunk: SpendChunk, result: SpendResult, spends: dict[tuple[str, str], ScopeSpend]) -> None:
+        """Notes the settled spend of each budgeted counter of the chunk (the highest seen)."""
+        moved: list[tuple[str, str, ScopeCall, Period, int, int]] = [
+            (key_scope(g.key_id), g.key_id, g.call, g.period, counts.limit, counts.spent)
+            for g, counts in zip(chunk.key_groups, result.keys, strict=True)
+        ]
+        moved += [
+            (GLOBAL_SCOPE, "", g.call, g.period, counts.limit, counts.spent)
+            for g, counts in zip(chunk.global_groups, result.globals, strict=True)
+        ]
+        for scope, key_id, call, period, limit, spent in moved:
+            if limit < 0:
+                continue
+            mark = (scope, call.counter)
+            current = spends.get(mark)
+            if current is None or spent > current.spent:
+                spends[mark] = ScopeSpend(scope=scope, key_id=key_id, period=period, spent=spent, limit=limit)
 
     async def _with_key_ids(self, items: Sequence[SettleItem]) -> Sequence[SettleItem]:
         """Fills in the key id of items that name none from their reservations (one round trip)."""

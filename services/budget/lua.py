@@ -238,6 +238,112 @@ return out
 """
 )
 
+# Settle a batch of usage (SettleBatch: the ingest hand-off after each commit, thousands of
+# items). Same decisions as SETTLE, item by item in order, but the counters are touched once per
+# distinct counter, not per item, and the reply is the batch's totals and each counter's state,
+# not one answer per item. Items share a few counter groups:
+# KEYS: loaded, rexp, rebuild, rebuild log, then the key table (config, counter and provider keys)
+# ARGV: default per, default tz, settled marker ttl ms, reservation key prefix,
+#       key groups (JSON: key id, key cfg #, key counter #, key per, key tz, counter expire-at),
+#       global groups (JSON: global cfg #, global counter #, provider hash #, per, tz, expire-at),
+#       items (JSON: request id, actual, key group #, global group #, provider, transaction id)
+# Nothing is written when a group's period is not its scope's any more (stale).
+# -> {0} not loaded | {1, {cfg key, per, tz}...} stale |
+#    {2, already settled, settled, overspend with no open reservation, overspend above open
+#     reservations, items settled above an open reservation, the first of their request ids,
+#     {klim, ks, kr} per key group, {glim, gs, gr} per global group}
+SETTLE_SPEND = (
+    _HELPERS
+    + _BATCH_HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local dper, dtz, settled_ttl, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local kgroups, ggroups, items = cjson.decode(ARGV[5]), cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
+local stale, klim, kcap, glim = {}, {}, {}, {}
+for i, g in ipairs(kgroups) do
+  local per, tz, lim, dis = cfgc(KEYS[g[2]], dper, dtz)
+  if per ~= g[4] or tz ~= g[5] then stale[#stale + 1] = {KEYS[g[2]], per, tz} end
+  klim[i] = lim
+  kcap[i] = lim >= 0 or dis  -- a counter a rebuild rewrites
+end
+for i, g in ipairs(ggroups) do
+  local per, tz, lim = cfgc(KEYS[g[1]], dper, dtz)
+  if per ~= g[4] or tz ~= g[5] then stale[#stale + 1] = {KEYS[g[1]], per, tz} end
+  glim[i] = lim
+end
+if #stale > 0 then return {1, unpack(stale)} end
+local rb = redis.call('HMGET', KEYS[3], 'until', 'snap')
+local snap = parse_snap(rb[2])
+local logging = rb[1] and tonumber(rb[1]) > now_ms()
+local kadd, gadd, padd, logged = {}, {}, {}, {}
+local already, settled, over_none, over_open, open_n, first_open = 0, 0, 0, 0, 0, ''
+for _, it in ipairs(items) do
+  local rid, actual, ki, gi = it[1], tonumber(it[2]), it[3], it[4]
+  local rk = prefix .. rid
+  local r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2')
+  if r[1] == 's' then
+    already = already + 1
+  else
+    settled = settled + 1
+    local reserved = 0
+    if r[1] == 'o' then
+      reserved = tonumber(r[2])
+      redis.call('HINCRBY', r[3], 'r', -reserved)
+      redis.call('HINCRBY', r[4], 'r', -reserved)
+      redis.call('ZREM', KEYS[2], rid)
+      if actual > reserved then
+        over_open = over_open + actual - reserved
+        open_n = open_n + 1
+        if first_open == '' then first_open = rid end
+      end
+    elseif actual > 0 then
+      over_none = over_none + actual
+    end
+    local counted = visible(snap, it[6])
+    if not counted or not kcap[ki] then kadd[ki] = (kadd[ki] or 0) + actual end
+    if not counted then
+      gadd[gi] = (gadd[gi] or 0) + actual
+      local pk = gi .. '|' .. it[5]
+      padd[pk] = (padd[pk] or 0) + actual
+      if logging then
+        local lk = it[6] .. '|' .. ki .. '|' .. gi .. '|' .. it[5]
+        logged[lk] = (logged[lk] or 0) + actual
+      end
+    end
+    redis.call('HSET', rk, 'st', 's', 'k', kgroups[ki][1], 'a', it[2])
+    if r[1] then redis.call('HDEL', rk, 'c1', 'c2', 'x') end
+    redis.call('PEXPIRE', rk, settled_ttl)
+  end
+end
+local function int(n) return string.format('%.0f', n) end
+for ki, amount in pairs(kadd) do redis.call('HINCRBY', KEYS[kgroups[ki][3]], 's', int(amount)) end
+for gi, amount in pairs(gadd) do redis.call('HINCRBY', KEYS[ggroups[gi][2]], 's', int(amount)) end
+for pk, amount in pairs(padd) do
+  local gi, provider = string.match(pk, '^(%d+)|(.*)$')
+  redis.call('HINCRBY', KEYS[ggroups[tonumber(gi)][3]], provider, int(amount))
+end
+for lk, amount in pairs(logged) do
+  local xid, ki, gi, provider = string.match(lk, '^(%d+)|(%d+)|(%d+)|(.*)$')
+  local kg, gg = kgroups[tonumber(ki)], ggroups[tonumber(gi)]
+  local entry = {xid, int(amount), KEYS[kg[3]], KEYS[gg[2]], KEYS[gg[3]], provider}
+  redis.call('RPUSH', KEYS[4], table.concat(entry, '|'))
+end
+local kout, gout = {}, {}
+for i, g in ipairs(kgroups) do
+  expire_at(KEYS[g[3]], g[6])
+  local ks, kr = counters(KEYS[g[3]])
+  kout[i] = {klim[i], ks, kr}
+end
+for i, g in ipairs(ggroups) do
+  expire_at(KEYS[g[2]], g[6])
+  expire_at(KEYS[g[3]], g[6])
+  local gs, gr = counters(KEYS[g[2]])
+  gout[i] = {glim[i], gs, gr}
+end
+return {2, already, settled, over_none, over_open, open_n, first_open, kout, gout}
+"""
+)
+
 # KEYS: reservation keys. -> the key id of each reservation ('' when there is none)
 RESERVATION_KEY_IDS = """
 local out = {}

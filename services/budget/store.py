@@ -139,6 +139,55 @@ class SettleResult:
     global_spent_before: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SpendItem:
+    """One settlement of a SpendChunk; its counters are those of its groups (0-based indexes)."""
+
+    request_id: str
+    actual: int
+    key_group: int
+    global_group: int
+    provider: str
+    transaction_id: int = 0
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    key_id: str
+    call: ScopeCall
+    period: Period
+
+
+@dataclass(frozen=True)
+class GlobalGroup:
+    call: ScopeCall
+    period: Period
+    provider_hash: str
+
+
+@dataclass(frozen=True)
+class SpendChunk:
+    """Settlements sharing a few counter groups, settled by one script run (lua.SETTLE_SPEND)."""
+
+    key_groups: Sequence[KeyGroup]
+    global_groups: Sequence[GlobalGroup]
+    items: Sequence[SpendItem]
+
+
+@dataclass(frozen=True)
+class SpendResult:
+    outcome: Outcome  # NOT_LOADED, STALE (see `stale`) or DONE
+    stale: Sequence[tuple[str, ScopeConfig]] = ()  # scope, its configuration now
+    already_settled: int = 0
+    settled: int = 0
+    overspend_unreserved: int = 0  # actual cost of items with no open reservation
+    overspend_open: int = 0  # actual cost above open reservations
+    open_items: int = 0  # items settled above their open reservation
+    first_open: str = ""  # the first of their request ids
+    keys: Sequence[Counts] = ()  # per key group, after the chunk
+    globals: Sequence[Counts] = ()  # per global group, after the chunk
+
+
 NOT_LOADED_AUTHORIZE = AuthorizeResult(Outcome.NOT_LOADED)
 NOT_LOADED_SETTLE = SettleResult(Outcome.NOT_LOADED)
 
@@ -148,6 +197,31 @@ _json = json.JSONEncoder(separators=(",", ":")).encode
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _counts(reply: list[Any]) -> Counts:
+    return Counts(int(reply[0]), int(reply[1]), int(reply[2]))
+
+
+def _spend_result(reply: list[Any]) -> SpendResult:
+    outcome = int(reply[0])
+    if outcome == 0:
+        return SpendResult(Outcome.NOT_LOADED)
+    if outcome == 1:
+        prefix = config_key("")
+        stale = [(_text(key)[len(prefix) :], ScopeConfig(_text(per), _text(tz))) for key, per, tz in reply[1:]]
+        return SpendResult(Outcome.STALE, stale=stale)
+    return SpendResult(
+        Outcome.DONE,
+        already_settled=int(reply[1]),
+        settled=int(reply[2]),
+        overspend_unreserved=int(reply[3]),
+        overspend_open=int(reply[4]),
+        open_items=int(reply[5]),
+        first_open=_text(reply[6]),
+        keys=[_counts(item) for item in reply[7]],
+        globals=[_counts(item) for item in reply[8]],
+    )
 
 
 def _stale(reply: list[Any]) -> tuple[ScopeConfig, ScopeConfig]:
@@ -227,6 +301,7 @@ class BudgetStore:
         self._authorize = redis.register_script(lua.AUTHORIZE)
         self._key_ids = redis.register_script(lua.RESERVATION_KEY_IDS)
         self._settle = redis.register_script(lua.SETTLE)
+        self._settle_spend = redis.register_script(lua.SETTLE_SPEND)
         self._release = redis.register_script(lua.RELEASE)
         self._sweep = redis.register_script(lua.SWEEP)
         self._read_counters = redis.register_script(lua.READ_COUNTERS)
@@ -346,6 +421,48 @@ class BudgetStore:
             for entry in entries
         ]
         return table.keys, [self.default.period, self.default.tz, settled_ttl_ms, _json(items)]
+
+    async def settle_spend(self, chunks: Sequence[SpendChunk], *, settled_ttl_ms: int) -> list[SpendResult]:
+        """Settles every chunk (each in one script run, its items atomically and in order), all
+        chunks in one pipeline (one round trip)."""
+        calls = []
+        for number, chunk in enumerate(chunks):
+            if number:
+                await asyncio.sleep(0)
+            calls.append(self._spend_call(chunk, settled_ttl_ms))
+        replies = await self._pipelined(self._settle_spend, calls)
+        return [_spend_result(reply) for reply in replies]
+
+    def _spend_call(self, chunk: SpendChunk, settled_ttl_ms: int) -> tuple[list[str], list[Any]]:
+        table = _KeyTable((LOADED_KEY, EXPIRY_KEY, REBUILD_KEY, REBUILD_LOG_KEY))
+        key_groups = [
+            (
+                group.key_id,
+                table(config_key(key_scope(group.key_id))),
+                table(group.call.counter),
+                group.call.config.period,
+                group.call.config.tz,
+                group.call.expire_text,
+            )
+            for group in chunk.key_groups
+        ]
+        global_groups = [
+            (
+                table(GLOBAL_CONFIG_KEY),
+                table(group.call.counter),
+                table(group.provider_hash),
+                group.call.config.period,
+                group.call.config.tz,
+                group.call.expire_text,
+            )
+            for group in chunk.global_groups
+        ]
+        items = [
+            (i.request_id, str(i.actual), i.key_group + 1, i.global_group + 1, i.provider, str(i.transaction_id))
+            for i in chunk.items
+        ]
+        args = [self.default.period, self.default.tz, settled_ttl_ms, RESERVATION_PREFIX]
+        return table.keys, [*args, _json(key_groups), _json(global_groups), _json(items)]
 
     async def _pipelined(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Runs `script` once per (keys, args) in one pipeline (one round trip); loads the script
