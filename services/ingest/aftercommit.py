@@ -41,43 +41,24 @@ FLUSH_SECONDS = 0.5
 MAX_PENDING_SETTLEMENTS = 200_000
 
 
-@dataclass(frozen=True, slots=True)
-class Spend:
-    """What the after-commit work needs of one accepted event."""
-
-    request_id: str
-    event_time: datetime
-    epoch_seconds: int
-    epoch_nanos: int
-    key_id: str
-    provider: str
-    model: str
-    tokens: int
-    cost_micros: int
-    transaction_id: int  # of the database transaction that stored the event
-
-
 @dataclass
 class Outcome:
-    """One committed batch, reduced: accepted events' spend, and the other items' counts."""
+    """One committed batch: its accepted events (stored by database transaction
+    `transaction_id`), and the other items' counts."""
 
-    accepted: list[Spend]
+    accepted: Sequence[ValidEvent]
     duplicate: int
     rejected: int
     unpriced: int
     late: int
+    transaction_id: int = 0
     arrived: float = field(default_factory=time.time)
 
     @classmethod
     def of(cls, accepted: Sequence[ValidEvent], duplicate: int, rejected: int, transaction_id: int = 0) -> Outcome:
-        spend = [
-            Spend(e.request_id, e.event_time, e.epoch_seconds, e.epoch_nanos, e.key_text, e.provider, e.model,
-                  e.tokens, e.cost_micros or 0, transaction_id)
-            for e in accepted
-        ]  # fmt: skip
         unpriced = sum(1 for e in accepted if e.unpriced)
         late = sum(1 for e in accepted if e.late)
-        return cls(spend, duplicate, rejected, unpriced, late)
+        return cls(accepted, duplicate, rejected, unpriced, late, transaction_id)
 
 
 @dataclass(frozen=True)
@@ -106,7 +87,8 @@ class AfterCommit:
         self._stats: Counter[str] = Counter()
         self._rates: Counter[int] = Counter()
         self._last_ingest = 0.0
-        self._settlements: list[Spend] = []
+        # Accepted events with a cost, and the transaction that stored each.
+        self._settlements: list[tuple[ValidEvent, int]] = []
         self.oldest_unreconciled: Unreconciled | None = None
         self.redis_ok = True
         self._failures = 0
@@ -161,7 +143,7 @@ class AfterCommit:
         # while its key lives; older late events are in the rollups only. Events are grouped by
         # minute first (a batch of live traffic spans a handful of minutes), then each group's
         # totals are added to its minute, hour and day hashes.
-        by_minute: dict[int, list[Spend]] = defaultdict(list)
+        by_minute: dict[int, list[ValidEvent]] = defaultdict(list)
         for spend in outcome.accepted:
             by_minute[spend.epoch_seconds // 60].append(spend)
         for minute, spends in by_minute.items():
@@ -179,10 +161,11 @@ class AfterCommit:
             DROPPED.labels("settle", "backlog").inc()
             self._mark_unreconciled(outcome.accepted, "settlement backlog full")
         else:
-            self._settlements.extend(s for s in outcome.accepted if s.cost_micros)
+            xid = outcome.transaction_id
+            self._settlements.extend((e, xid) for e in outcome.accepted if e.cost_micros)
 
     @staticmethod
-    def _minute_totals(spends: list[Spend]) -> Counter[str]:
+    def _minute_totals(spends: list[ValidEvent]) -> Counter[str]:
         totals: Counter[str] = Counter()
         requests: Counter[str] = Counter()
         cost: Counter[str] = Counter()
@@ -190,17 +173,17 @@ class AfterCommit:
         for spend in spends:
             tokens += spend.tokens
             if spend.cost_micros:
-                cost[f"k|{spend.key_id}|cost"] += spend.cost_micros
+                cost[f"k|{spend.key_text}|cost"] += spend.cost_micros
                 cost[f"m|{spend.provider}|{spend.model}|cost"] += spend.cost_micros
                 cost[f"p|{spend.provider}|cost"] += spend.cost_micros
-        requests.update(f"k|{s.key_id}|requests" for s in spends)
+        requests.update(f"k|{s.key_text}|requests" for s in spends)
         requests.update(f"m|{s.provider}|{s.model}|requests" for s in spends)
         requests.update(f"p|{s.provider}|requests" for s in spends)
         totals.update(requests)
         totals.update(cost)
         totals["requests"] = len(spends)
         totals["tokens"] = tokens
-        totals["cost"] = sum(s.cost_micros for s in spends)
+        totals["cost"] = sum(s.cost_micros or 0 for s in spends)
         return totals
 
     def _merge(self, key: str, ttl: int, totals: Counter[str]) -> None:
@@ -252,13 +235,13 @@ class AfterCommit:
         for start in range(0, len(pending), SETTLE_BATCH):
             chunk = pending[start : start + SETTLE_BATCH]
             request = budget_pb2.SettleBatchRequest()
-            for spend in chunk:
+            for spend, transaction_id in chunk:
                 item = request.items.add(
                     request_id=spend.request_id,
-                    key_id=spend.key_id,
+                    key_id=spend.key_text,
                     actual_cost_micros=spend.cost_micros,
                     provider=spend.provider,
-                    database_transaction_id=spend.transaction_id,
+                    database_transaction_id=transaction_id,
                 )
                 item.event_time.seconds = spend.epoch_seconds
                 item.event_time.nanos = spend.epoch_nanos
@@ -268,9 +251,9 @@ class AfterCommit:
                 )
             except grpc.aio.AioRpcError as exc:
                 DROPPED.labels("settle", exc.code().name).inc()
-                self._mark_unreconciled(chunk, f"budget service: {exc.code().name}")
+                self._mark_unreconciled([spend for spend, _ in chunk], f"budget service: {exc.code().name}")
 
-    def _mark_unreconciled(self, spends: Sequence[Spend], reason: str) -> None:
+    def _mark_unreconciled(self, spends: Sequence[ValidEvent], reason: str) -> None:
         if not spends:
             return
         self._failures += 1

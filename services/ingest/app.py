@@ -34,6 +34,9 @@ LAG = Histogram(
 )
 
 
+_DUPLICATE = "an event with this requestId and eventTime is already recorded"
+
+
 class Ingestor:
     """Validates, prices and stores batches; the one path shared by every ingest RPC."""
 
@@ -58,29 +61,35 @@ class Ingestor:
             raise InvalidArgument.field("events", f"at most {self._max_batch} events per batch, got {len(events)}")
         now = datetime.now(UTC)
         book = self._prices.book
-        results = [ingest_pb2.UsageEventResult(index=i, request_id=e.request_id) for i, e in enumerate(events)]
-        candidates: list[tuple[int, ValidEvent]] = []
-        rejected = 0
-        for index, event in enumerate(events):
+        checked: list[ValidEvent | Rejected] = []
+        candidates: list[ValidEvent] = []
+        for event in events:
             try:
-                candidates.append((index, validate(event, now, self._policy, book)))
+                valid = validate(event, now, self._policy, book)
             except Rejected as exc:
-                rejected += 1
-                result = results[index]
-                result.status, result.reason, result.field = "rejected", exc.reason, exc.field
-        written = await self._store.write([v for _, v in candidates])
+                checked.append(exc)
+                continue
+            checked.append(valid)
+            candidates.append(valid)
+        written = await self._store.write(candidates)
         not_new = written.not_new
         accepted: list[ValidEvent] = []
         seen: set[tuple[str, datetime]] = set()
-        for index, valid in candidates:
-            identity = valid.identity
+        batch = ingest_pb2.RecordUsageBatchResult()
+        add = batch.results.add
+        for index, (event, outcome) in enumerate(zip(events, checked, strict=True)):
+            if isinstance(outcome, Rejected):
+                reason, field = outcome.reason, outcome.field
+                add(index=index, request_id=event.request_id, status="rejected", reason=reason, field=field)
+                continue
+            identity = outcome.identity
             if identity not in not_new and identity not in seen:
                 seen.add(identity)
-                accepted.append(valid)
-                results[index].status = "accepted"
+                accepted.append(outcome)
+                add(index=index, request_id=event.request_id, status="accepted")
             else:
-                results[index].status = "duplicate"
-                results[index].reason = "an event with this requestId and eventTime is already recorded"
+                add(index=index, request_id=event.request_id, status="duplicate", reason=_DUPLICATE)
+        rejected = len(events) - len(candidates)
         duplicate = len(candidates) - len(accepted)
         EVENTS.labels("accepted").inc(len(accepted))
         EVENTS.labels("duplicate").inc(duplicate)
@@ -89,9 +98,8 @@ class Ingestor:
             LAG.observe(max(0.0, time.time() - max(v.epoch_seconds for v in accepted)))
         self._compactor.mark(v.epoch_seconds for v in accepted)
         self._after.submit(Outcome.of(accepted, duplicate, rejected, written.transaction_id))
-        return ingest_pb2.RecordUsageBatchResult(
-            accepted=len(accepted), duplicate=duplicate, rejected=rejected, results=results
-        )
+        batch.accepted, batch.duplicate, batch.rejected = len(accepted), duplicate, rejected
+        return batch
 
 
 # Batches of one StreamUsage stream stored at once (read ahead of their acknowledgements).
