@@ -199,27 +199,29 @@ def derived_rollup_ctes() -> str:
     """CTEs appending the daily, global and per-key rollup rows derived from a CTE `hourly` that
     holds the full hourly rollup rows just appended (`INSERT ... RETURNING *`). Whatever those
     rows are (a batch's sums, or a delete's negated sums), the derived rows are their sums, so
-    every grain stays equal to the raw events. Ends without a trailing comma."""
+    every grain stays equal to the raw events. A daily row is its hourly row moved to its day,
+    not merged with the day's other hours: the rollups are append-only and the compactor merges
+    each day, and merging here would aggregate every column of rows that within one batch rarely
+    share a day group (live traffic spans minutes). Ends without a trailing comma."""
     sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+    plain = ", ".join(ROLLUP_SUMS)
     full = ", ".join(("bucket", *ROLLUP_GROUP, *ROLLUP_SUMS))
     glob = ", ".join(("bucket", *GLOBAL_GROUP, *ROLLUP_SUMS))
     key = ", ".join(("bucket", *KEY_GROUP, *ROLLUP_SUMS))
     return f"""daily AS (
         INSERT INTO usage_rollup_daily ({full})
-        SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {sums}
-        FROM hourly GROUP BY 1, 2, 3, 4, 5, 6, 7),
+        SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {plain} FROM hourly),
     hourly_global AS (
         INSERT INTO usage_rollup_hourly_global ({glob})
         SELECT bucket, {", ".join(GLOBAL_GROUP)}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
         RETURNING *),
     daily_global AS (
         INSERT INTO usage_rollup_daily_global ({glob})
-        SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {sums}
-        FROM hourly_global GROUP BY 1, 2, 3, 4, 5, 6),
+        SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {plain} FROM hourly_global),
     hourly_key AS (
         INSERT INTO usage_rollup_hourly_key ({key})
         SELECT bucket, key_id, {sums} FROM hourly GROUP BY 1, 2
         RETURNING *),
     daily_key AS (
         INSERT INTO usage_rollup_daily_key ({key})
-        SELECT time_bucket('1 day', bucket), key_id, {sums} FROM hourly_key GROUP BY 1, 2)"""  # noqa: S608
+        SELECT time_bucket('1 day', bucket), key_id, {plain} FROM hourly_key)"""  # noqa: S608
