@@ -17,7 +17,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import grpc
@@ -87,8 +87,10 @@ class AfterCommit:
         self._stats: Counter[str] = Counter()
         self._rates: Counter[int] = Counter()
         self._last_ingest = 0.0
-        # Accepted events with a cost, and the transaction that stored each.
-        self._settlements: list[tuple[ValidEvent, int]] = []
+        # Spend of accepted events, already in the budget service's request form (compact: a
+        # backlog may hold MAX_PENDING_SETTLEMENTS); the last request fills up to SETTLE_BATCH.
+        self._settlements: list[budget_pb2.SettleBatchRequest] = []
+        self._pending_settlements = 0
         self.oldest_unreconciled: Unreconciled | None = None
         self.redis_ok = True
         self._failures = 0
@@ -157,12 +159,11 @@ class AfterCommit:
             if age < live.HOUR_TTL_SECONDS:
                 self._merge(live.hour_key(at), live.HOUR_TTL_SECONDS, totals)
             self._merge(live.day_key(at, self._zone), live.DAY_TTL_SECONDS, totals)
-        if len(self._settlements) >= MAX_PENDING_SETTLEMENTS:
+        if self._pending_settlements >= MAX_PENDING_SETTLEMENTS:
             DROPPED.labels("settle", "backlog").inc()
             self._mark_unreconciled(outcome.accepted, "settlement backlog full")
         else:
-            xid = outcome.transaction_id
-            self._settlements.extend((e, xid) for e in outcome.accepted if e.cost_micros)
+            self._add_settlements(outcome)
 
     @staticmethod
     def _minute_totals(spends: list[ValidEvent]) -> Counter[str]:
@@ -230,36 +231,50 @@ class AfterCommit:
             DROPPED.labels("redis", type(exc).__name__).inc()
             log.warning("live counters not updated: redis unavailable", extra={"error": repr(exc)})
 
+    def _add_settlements(self, outcome: Outcome) -> None:
+        xid = outcome.transaction_id
+        requests = self._settlements
+        request = requests[-1] if requests and len(requests[-1].items) < SETTLE_BATCH else None
+        for event in outcome.accepted:
+            if not event.cost_micros:
+                continue
+            if request is None or len(request.items) >= SETTLE_BATCH:
+                request = budget_pb2.SettleBatchRequest()
+                requests.append(request)
+            item = request.items.add(
+                request_id=event.request_id,
+                key_id=event.key_text,
+                actual_cost_micros=event.cost_micros,
+                provider=event.provider,
+                database_transaction_id=xid,
+            )
+            item.event_time.seconds = event.epoch_seconds
+            item.event_time.nanos = event.epoch_nanos
+            self._pending_settlements += 1
+
     async def _flush_settlements(self) -> None:
-        pending, self._settlements = self._settlements, []
-        for start in range(0, len(pending), SETTLE_BATCH):
-            chunk = pending[start : start + SETTLE_BATCH]
-            request = budget_pb2.SettleBatchRequest()
-            for spend, transaction_id in chunk:
-                item = request.items.add(
-                    request_id=spend.request_id,
-                    key_id=spend.key_text,
-                    actual_cost_micros=spend.cost_micros,
-                    provider=spend.provider,
-                    database_transaction_id=transaction_id,
-                )
-                item.event_time.seconds = spend.epoch_seconds
-                item.event_time.nanos = spend.epoch_nanos
+        pending, self._settlements, self._pending_settlements = self._settlements, [], 0
+        for request in pending:
             try:
                 await self._budget.SettleBatch(
                     request, timeout=SETTLE_TIMEOUT_SECONDS, metadata=call_metadata(self._master_key)
                 )
             except grpc.aio.AioRpcError as exc:
                 DROPPED.labels("settle", exc.code().name).inc()
-                self._mark_unreconciled([spend for spend, _ in chunk], f"budget service: {exc.code().name}")
+                first = min(request.items, key=lambda i: (i.event_time.seconds, i.event_time.nanos))
+                self._mark_oldest(
+                    first.request_id, first.event_time.ToDatetime(UTC), f"budget service: {exc.code().name}"
+                )
 
     def _mark_unreconciled(self, spends: Sequence[ValidEvent], reason: str) -> None:
-        if not spends:
-            return
+        if spends:
+            first = min(spends, key=lambda s: s.event_time)
+            self._mark_oldest(first.request_id, first.event_time, reason)
+
+    def _mark_oldest(self, request_id: str, event_time: datetime, reason: str) -> None:
         self._failures += 1
-        first = min(spends, key=lambda s: s.event_time)
-        if self.oldest_unreconciled is None or first.event_time < self.oldest_unreconciled.event_time:
-            self.oldest_unreconciled = Unreconciled(first.request_id, first.event_time, reason)
+        if self.oldest_unreconciled is None or event_time < self.oldest_unreconciled.event_time:
+            self.oldest_unreconciled = Unreconciled(request_id, event_time, reason)
 
     async def _reconcile_forever(self, interval: float = 5.0) -> None:
         """When spend could not be handed over, ask budget to rebuild from the database."""
