@@ -43,7 +43,7 @@ from tally.devstack import (
     free_port,
 )
 from tally.notify import sign_webhook
-from tally.runtime.config import ServiceName
+from tally.runtime.config import ServiceName, Settings
 from tests.conftest import stack_env
 from tests.test_notify import HttpReceiver, SmtpServer, fresh_database, wait_until
 
@@ -624,6 +624,35 @@ def test_large_settle_batch_takes_few_round_trips_and_keeps_every_semantic(budge
     assert [e.threshold for e in crossed] == [0.5]
     again = stub.SettleBatch(budget_pb2.SettleBatchRequest(items=items), timeout=30, metadata=budget_stack.auth())
     assert (again.settled, again.already_settled, again.overspend_micros) == (0, 811, 0)
+
+
+def test_settle_batch_remembers_unauthorized_requests_briefly(budget_stack: BudgetStack) -> None:
+    """Ingest's hand-off (SettleBatch) of usage the gateway never authorized is remembered only
+    for BUDGET_HANDOFF_SETTLED_TTL_SECONDS (a record per event for days would fill Redis), still
+    long enough for a retried direct Settle to be recognised; a settled reservation keeps the
+    long BUDGET_SETTLED_TTL_SECONDS."""
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    reserved, bare = f"handoff-r-{key_id}", f"handoff-b-{key_id}"
+    assert authorize(stub, budget_stack, key_id, 200_000, reserved).allowed
+    batch = stub.SettleBatch(
+        budget_pb2.SettleBatchRequest(
+            items=[settle_request(key_id, 100_000, reserved), settle_request(key_id, 50_000, bare)]
+        ),
+        timeout=10,
+        metadata=budget_stack.auth(),
+    )
+    assert (batch.settled, batch.already_settled) == (2, 0)
+    with budget_stack.redis_client() as client:
+        reserved_ttl = client.pttl(f"{{tally:budget}}:r:{reserved}")
+        bare_ttl = client.pttl(f"{{tally:budget}}:r:{bare}")
+    brief = Settings.model_fields["budget_handoff_settled_ttl_seconds"].default * 1000
+    long = Settings.model_fields["budget_settled_ttl_seconds"].default * 1000
+    assert brief - 60_000 < bare_ttl <= brief
+    assert long - 60_000 < reserved_ttl <= long
+    again = stub.Settle(settle_request(key_id, 50_000, bare), timeout=10, metadata=budget_stack.auth())
+    assert again.already_settled
+    assert again.remaining[0].committed_micros == 150_000
 
 
 def test_retried_authorize_reserves_once_and_release_gives_back(budget_stack: BudgetStack) -> None:

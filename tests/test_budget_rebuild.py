@@ -83,7 +83,7 @@ async def _settle(
         SpendItem(uuid.uuid4().hex, amount, 0, 0, provider, transaction_id) for amount, transaction_id in settlements
     ]
     chunk = SpendChunk([KeyGroup(key_id, key, period)], [GlobalGroup(global_, period, PROVIDERS)], items)
-    (result,) = await store.settle_spend([chunk], settled_ttl_ms=60_000)
+    (result,) = await store.settle_spend([chunk], settled_ttl_ms=60_000, unreserved_ttl_ms=60_000)
     assert (result.outcome, result.settled) == (Outcome.DONE, len(items))
 
 
@@ -146,7 +146,7 @@ async def test_a_batch_for_a_changed_period_writes_nothing_and_names_the_scope(s
         [GlobalGroup(_call(GLOBAL), period, PROVIDERS)],
         [SpendItem(uuid.uuid4().hex, 5, 0, 0, "p", 150)],
     )
-    (result,) = await store.settle_spend([chunk], settled_ttl_ms=60_000)
+    (result,) = await store.settle_spend([chunk], settled_ttl_ms=60_000, unreserved_ttl_ms=60_000)
     assert result.outcome == Outcome.STALE
     assert list(result.stale) == [(key_scope(key_id), daily)]
     assert (await _spent(store, key_scope(key_id)), await _spent(store, GLOBAL)) == (0, 0)

@@ -131,6 +131,7 @@ class BudgetEngine:
         self._redis_timeout = settings.budget_redis_timeout_ms / 1000
         self._ttl_ms = int(settings.budget_reservation_ttl_seconds * 1000)
         self._settled_ttl_ms = settings.budget_settled_ttl_seconds * 1000
+        self._handoff_ttl_ms = settings.budget_handoff_settled_ttl_seconds * 1000
         self._retention = settings.budget_counter_retention_seconds
         self._reconcile_lock = asyncio.Lock()
         self._reconcile_task: asyncio.Task[tuple[int, int]] | None = None
@@ -303,7 +304,9 @@ class BudgetEngine:
                 raise StoreUnavailable("no time left before the caller's deadline")
             try:
                 async with asyncio.timeout(timeout):
-                    results = await self.store.settle_spend(chunks, settled_ttl_ms=self._settled_ttl_ms)
+                    results = await self.store.settle_spend(
+                        chunks, settled_ttl_ms=self._settled_ttl_ms, unreserved_ttl_ms=self._handoff_ttl_ms
+                    )
             except _REDIS_FAILURES as exc:
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             retry: list[int] = []

@@ -243,7 +243,8 @@ return out
 # distinct counter, not per item, and the reply is the batch's totals and each counter's state,
 # not one answer per item. Items share a few counter groups:
 # KEYS: loaded, rexp, rebuild, rebuild log, then the key table (config, counter and provider keys)
-# ARGV: default per, default tz, settled marker ttl ms, reservation key prefix,
+# ARGV: default per, default tz, settled marker ttl ms, reservation key prefix, settled marker ttl
+#       ms of an item with no reservation record (its request was never authorized),
 #       key groups (JSON: key id, key cfg #, key counter #, key per, key tz, counter expire-at),
 #       global groups (JSON: global cfg #, global counter #, provider hash #, per, tz, expire-at),
 #       items (JSON: request id, actual, key group #, global group #, provider, transaction id)
@@ -257,8 +258,8 @@ SETTLE_SPEND = (
     + _BATCH_HELPERS
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local dper, dtz, settled_ttl, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local kgroups, ggroups, items = cjson.decode(ARGV[5]), cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
+local dper, dtz, settled_ttl, prefix, bare_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local kgroups, ggroups, items = cjson.decode(ARGV[6]), cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
 local stale, klim, kcap, glim = {}, {}, {}, {}
 for i, g in ipairs(kgroups) do
   local per, tz, lim, dis = cfgc(KEYS[g[2]], dper, dtz)
@@ -311,8 +312,12 @@ for _, it in ipairs(items) do
       end
     end
     redis.call('HSET', rk, 'st', 's', 'k', kgroups[ki][1], 'a', it[2])
-    if r[1] then redis.call('HDEL', rk, 'c1', 'c2', 'x') end
-    redis.call('PEXPIRE', rk, settled_ttl)
+    if r[1] then
+      redis.call('HDEL', rk, 'c1', 'c2', 'x')
+      redis.call('PEXPIRE', rk, settled_ttl)
+    else
+      redis.call('PEXPIRE', rk, bare_ttl)
+    end
   end
 end
 local function int(n) return string.format('%.0f', n) end

@@ -422,18 +422,23 @@ class BudgetStore:
         ]
         return table.keys, [self.default.period, self.default.tz, settled_ttl_ms, _json(items)]
 
-    async def settle_spend(self, chunks: Sequence[SpendChunk], *, settled_ttl_ms: int) -> list[SpendResult]:
+    async def settle_spend(
+        self, chunks: Sequence[SpendChunk], *, settled_ttl_ms: int, unreserved_ttl_ms: int
+    ) -> list[SpendResult]:
         """Settles every chunk (each in one script run, its items atomically and in order), all
-        chunks in one pipeline (one round trip)."""
+        chunks in one pipeline (one round trip). A request id settled with no reservation record
+        is remembered for `unreserved_ttl_ms`, the others for `settled_ttl_ms`."""
         calls = []
         for number, chunk in enumerate(chunks):
             if number:
                 await asyncio.sleep(0)
-            calls.append(self._spend_call(chunk, settled_ttl_ms))
+            calls.append(self._spend_call(chunk, settled_ttl_ms, unreserved_ttl_ms))
         replies = await self._pipelined(self._settle_spend, calls)
         return [_spend_result(reply) for reply in replies]
 
-    def _spend_call(self, chunk: SpendChunk, settled_ttl_ms: int) -> tuple[list[str], list[Any]]:
+    def _spend_call(
+        self, chunk: SpendChunk, settled_ttl_ms: int, unreserved_ttl_ms: int
+    ) -> tuple[list[str], list[Any]]:
         table = _KeyTable((LOADED_KEY, EXPIRY_KEY, REBUILD_KEY, REBUILD_LOG_KEY))
         key_groups = [
             (
@@ -461,7 +466,7 @@ class BudgetStore:
             (i.request_id, str(i.actual), i.key_group + 1, i.global_group + 1, i.provider, str(i.transaction_id))
             for i in chunk.items
         ]
-        args = [self.default.period, self.default.tz, settled_ttl_ms, RESERVATION_PREFIX]
+        args = [self.default.period, self.default.tz, settled_ttl_ms, RESERVATION_PREFIX, unreserved_ttl_ms]
         return table.keys, [*args, _json(key_groups), _json(global_groups), _json(items)]
 
     async def _pipelined(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:

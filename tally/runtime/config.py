@@ -129,6 +129,14 @@ class Settings(BaseSettings):
     budget_settled_ttl_seconds: int = Field(
         8 * 86400, gt=0, description="How long a settled request id is remembered (Settle idempotency)."
     )
+    budget_handoff_settled_ttl_seconds: int = Field(
+        3600,
+        gt=0,
+        description=(
+            "How long SettleBatch (ingest's hand-off) remembers a request id it settled that had no"
+            " reservation: long enough to recognise a retried direct Settle of it."
+        ),
+    )
     budget_counter_retention_seconds: int = Field(
         40 * 86400, gt=0, description="How long Redis keeps a closed period's counters after the period ends."
     )
