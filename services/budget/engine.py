@@ -8,7 +8,7 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -62,6 +62,21 @@ AUTHORIZE_BATCH = 256
 SETTLE_CHUNK = 100
 # Most settlements per script run of a SettleBatch (lua.SETTLE_SPEND: 2-3 us each).
 SPEND_CHUNK = 500
+
+
+def _report_overspend(unreserved: int, above_items: int, above_micros: int, first: str) -> None:
+    """Spend with no open reservation (the gateway did not authorize, or the reservation expired)
+    is all "above its reservation": counted, not logged per item, because a gateway that never
+    authorizes would log every request. Actual costs above an open reservation's estimate are
+    logged, one line per call."""
+    if unreserved:
+        metrics.OVERSPEND.labels("none").inc(unreserved)
+    if above_items:
+        metrics.OVERSPEND.labels("open").inc(above_micros)
+        log.warning(
+            "settled above the reservation",
+            extra={"items": above_items, "overspendMicros": above_micros, "firstRequestId": first},
+        )
 
 
 class StoreUnavailable(Exception):
@@ -279,12 +294,7 @@ class BudgetEngine:
                         spent=spent,
                         limit=limit,
                     )
-        for spend in spends.values():
-            try:
-                await self.evaluator.on_spend(spend)
-            except Exception:
-                # The spend is settled; the next settle (or the maintenance pass) evaluates again.
-                log.exception("threshold evaluation failed", extra={"scope": spend.scope})
+        await self._evaluate(spends.values())
         return outcomes
 
     async def settle_batch(self, items: Sequence[SettleItem]) -> SpendResult:
@@ -338,26 +348,18 @@ class BudgetEngine:
             open_items=sum(r.open_items for r in done),
             first_open=next((r.first_open for r in done if r.first_open), ""),
         )
-        # Spend with no open reservation is counted, not logged (see _settle_items).
-        if total.overspend_unreserved:
-            metrics.OVERSPEND.labels("none").inc(total.overspend_unreserved)
-        if total.open_items:
-            metrics.OVERSPEND.labels("open").inc(total.overspend_open)
-            log.warning(
-                "settled above the reservation",
-                extra={
-                    "items": total.open_items,
-                    "overspendMicros": total.overspend_open,
-                    "firstRequestId": total.first_open,
-                },
-            )
-        for spend in spends.values():
+        _report_overspend(total.overspend_unreserved, total.open_items, total.overspend_open, total.first_open)
+        await self._evaluate(spends.values())
+        return total
+
+    async def _evaluate(self, spends: Iterable[ScopeSpend]) -> None:
+        """Evaluates the thresholds of scopes whose settled spend moved."""
+        for spend in spends:
             try:
                 await self.evaluator.on_spend(spend)
             except Exception:
                 # The spend is settled; the next settle (or the maintenance pass) evaluates again.
                 log.exception("threshold evaluation failed", extra={"scope": spend.scope})
-        return total
 
     def _spend_chunk(self, items: Sequence[SettleItem], now: datetime) -> SpendChunk:
         """The items with their counter groups (one per distinct counter)."""
@@ -496,18 +498,7 @@ class BudgetEngine:
                     key=(key_call, result.key.limit, result.key.spent, result.key.reserved),
                     global_=(global_call, result.global_.limit, result.global_.spent, result.global_.reserved),
                 )
-            # Spend with no open reservation (the gateway did not authorize, or the reservation
-            # expired) is all "above its reservation": counted, not logged per item, because a
-            # gateway that never authorizes would log every request. Actual costs above an open
-            # reservation's estimate are logged, one line per call.
-            if unreserved:
-                metrics.OVERSPEND.labels("none").inc(unreserved)
-            if above_items:
-                metrics.OVERSPEND.labels("open").inc(above_micros)
-                log.warning(
-                    "settled above the reservation",
-                    extra={"items": above_items, "overspendMicros": above_micros, "firstRequestId": above_first},
-                )
+            _report_overspend(unreserved, above_items, above_micros, above_first)
             if not retry:
                 return [outcome for outcome in outcomes if outcome is not None]
             if not loaded:

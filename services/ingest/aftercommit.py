@@ -146,14 +146,14 @@ class AfterCommit:
         # minute first (a batch of live traffic spans a handful of minutes), then each group's
         # totals are added to its minute, hour and day hashes.
         by_minute: dict[int, list[ValidEvent]] = defaultdict(list)
-        for spend in outcome.accepted:
-            by_minute[spend.epoch_seconds // 60].append(spend)
-        for minute, spends in by_minute.items():
+        for event in outcome.accepted:
+            by_minute[event.epoch_seconds // 60].append(event)
+        for minute, events in by_minute.items():
             age = now - minute * 60
             if age >= live.DAY_TTL_SECONDS:
                 continue
-            totals = self._minute_totals(spends)
-            at = spends[0].event_time
+            totals = self._minute_totals(events)
+            at = events[0].event_time
             if age < live.MINUTE_TTL_SECONDS:
                 self._merge(live.minute_key(at), live.MINUTE_TTL_SECONDS, totals)
             if age < live.HOUR_TTL_SECONDS:
@@ -166,25 +166,25 @@ class AfterCommit:
             self._add_settlements(outcome)
 
     @staticmethod
-    def _minute_totals(spends: list[ValidEvent]) -> Counter[str]:
+    def _minute_totals(events: list[ValidEvent]) -> Counter[str]:
         totals: Counter[str] = Counter()
         requests: Counter[str] = Counter()
         cost: Counter[str] = Counter()
         tokens = 0
-        for spend in spends:
-            tokens += spend.tokens
-            if spend.cost_micros:
-                cost[f"k|{spend.key_text}|cost"] += spend.cost_micros
-                cost[f"m|{spend.provider}|{spend.model}|cost"] += spend.cost_micros
-                cost[f"p|{spend.provider}|cost"] += spend.cost_micros
-        requests.update(f"k|{s.key_text}|requests" for s in spends)
-        requests.update(f"m|{s.provider}|{s.model}|requests" for s in spends)
-        requests.update(f"p|{s.provider}|requests" for s in spends)
+        for event in events:
+            tokens += event.tokens
+            if event.cost_micros:
+                cost[f"k|{event.key_text}|cost"] += event.cost_micros
+                cost[f"m|{event.provider}|{event.model}|cost"] += event.cost_micros
+                cost[f"p|{event.provider}|cost"] += event.cost_micros
+        requests.update(f"k|{s.key_text}|requests" for s in events)
+        requests.update(f"m|{s.provider}|{s.model}|requests" for s in events)
+        requests.update(f"p|{s.provider}|requests" for s in events)
         totals.update(requests)
         totals.update(cost)
-        totals["requests"] = len(spends)
+        totals["requests"] = len(events)
         totals["tokens"] = tokens
-        totals["cost"] = sum(s.cost_micros or 0 for s in spends)
+        totals["cost"] = sum(s.cost_micros or 0 for s in events)
         return totals
 
     def _merge(self, key: str, ttl: int, totals: Counter[str]) -> None:
