@@ -167,24 +167,37 @@ class AfterCommit:
 
     @staticmethod
     def _minute_totals(events: list[ValidEvent]) -> Counter[str]:
-        totals: Counter[str] = Counter()
-        requests: Counter[str] = Counter()
-        cost: Counter[str] = Counter()
+        """The live hash fields of a minute's events: totals, and requests and cost by key, by
+        model and by provider (counted by value first, so each field name is built once)."""
+        key_requests: Counter[str] = Counter()
+        key_cost: Counter[str] = Counter()
+        model_requests: Counter[tuple[str, str]] = Counter()
+        model_cost: Counter[tuple[str, str]] = Counter()
         tokens = 0
         for event in events:
             tokens += event.tokens
+            model = (event.provider, event.model)
+            key_requests[event.key_text] += 1
+            model_requests[model] += 1
             if event.cost_micros:
-                cost[f"k|{event.key_text}|cost"] += event.cost_micros
-                cost[f"m|{event.provider}|{event.model}|cost"] += event.cost_micros
-                cost[f"p|{event.provider}|cost"] += event.cost_micros
-        requests.update(f"k|{s.key_text}|requests" for s in events)
-        requests.update(f"m|{s.provider}|{s.model}|requests" for s in events)
-        requests.update(f"p|{s.provider}|requests" for s in events)
-        totals.update(requests)
-        totals.update(cost)
+                key_cost[event.key_text] += event.cost_micros
+                model_cost[model] += event.cost_micros
+        provider_requests: Counter[str] = Counter()
+        provider_cost: Counter[str] = Counter()
+        for (provider, _), count in model_requests.items():
+            provider_requests[provider] += count
+        for (provider, _), micros in model_cost.items():
+            provider_cost[provider] += micros
+        totals: Counter[str] = Counter()
+        totals.update({f"k|{key}|requests": n for key, n in key_requests.items()})
+        totals.update({f"k|{key}|cost": n for key, n in key_cost.items()})
+        totals.update({f"m|{p}|{m}|requests": n for (p, m), n in model_requests.items()})
+        totals.update({f"m|{p}|{m}|cost": n for (p, m), n in model_cost.items()})
+        totals.update({f"p|{provider}|requests": n for provider, n in provider_requests.items()})
+        totals.update({f"p|{provider}|cost": n for provider, n in provider_cost.items()})
         totals["requests"] = len(events)
         totals["tokens"] = tokens
-        totals["cost"] = sum(s.cost_micros or 0 for s in events)
+        totals["cost"] = sum(key_cost.values())
         return totals
 
     def _merge(self, key: str, ttl: int, totals: Counter[str]) -> None:
