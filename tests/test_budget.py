@@ -1217,6 +1217,17 @@ def test_cluster_settle_events_and_flushall_rebuild(
         )
         assert released.released
         wait_until(lambda: any(e.threshold == 0.5 for e in reader.of(key_id)))  # 55%
+        # The batch hand-off (one script run per chunk) on the cluster: a reserved and a bare item.
+        assert authorize(stub, budget_stack, key_id, 100_000, "c2-" + key_id).allowed
+        batch = stub.SettleBatch(
+            budget_pb2.SettleBatchRequest(
+                items=[settle_request(key_id, 150_000, "c2-" + key_id), settle_request(key_id, 50_000)]
+            ),
+            timeout=10,
+            metadata=budget_stack.auth(),
+        )
+        assert (batch.settled, batch.already_settled, batch.overspend_micros) == (2, 0, 100_000)
+        assert authorize(stub, budget_stack, key_id, 0).remaining[0].committed_micros == ingest_micros + 200_000
     finally:
         reader.close()
     keys = _cluster_scan(cluster)
