@@ -72,16 +72,24 @@ def _rollup_insert(name: str, table: str, width: str, late_threshold_seconds: in
         RETURNING *)"""  # noqa: S608
 
 
+# What the rollups, key registration and the answer read of the inserted rows (not the tags,
+# end-user hash or price id, which would only be copied along).
+_RETURNED = ", ".join(
+    ("event_time", "request_id", "key_id", "provider", "model", "operation", "input_tokens", "output_tokens",
+     "cached_read_tokens", "cache_write_tokens", "reasoning_tokens", "images", "audio_seconds", "latency_ms",
+     "ttft_ms", "http_status", "error_type", "streaming", "tools_used", "prompt_fingerprint", "cost_micros",
+     "cost_source", "ingested_at")
+)  # fmt: skip
+
+
 def _batch_sql(late_threshold_seconds: int) -> str:
     """One statement: insert new events, append their rollups, register keys, and return the
     identities that were not inserted (already stored: usually none, so little comes back)."""
     return f"""
-    WITH new AS (
+    WITH ins AS (
         INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY request_id, event_time
-        ON CONFLICT DO NOTHING RETURNING *),
-    ins AS MATERIALIZED (
-        SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
-        FROM new),
+        ON CONFLICT DO NOTHING
+        RETURNING {_RETURNED}, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb),
     {_rollup_insert("hourly", "usage_rollup_hourly", "1 hour", late_threshold_seconds)},
     {derived_rollup_ctes()},
     fingerprints AS (
