@@ -655,6 +655,86 @@ def test_settle_batch_remembers_unauthorized_requests_briefly(budget_stack: Budg
     assert again.remaining[0].committed_micros == 150_000
 
 
+def _handoff(
+    key_id: str, requests: list[tuple[str, int, int]], *, handoff_id: str = ""
+) -> budget_pb2.SettleBatchRequest:
+    """SettleBatch in ingest's compact form: (request id, cost, group) with two spend groups of
+    the key (group 0 now from provider "openai"; group 1 last month from "anthropic")."""
+    request = budget_pb2.SettleBatchRequest(handoff_id=handoff_id or uuid.uuid4().hex)
+    now = datetime.now(UTC)
+    for provider, at in (("openai", now), ("anthropic", now - timedelta(days=now.day + 3))):
+        group = request.groups.add(key_id=key_id, provider=provider)
+        group.event_time.FromDatetime(at)
+    for request_id, cost, group_index in requests:
+        request.request_ids.append(request_id)
+        request.actual_cost_micros.append(cost)
+        request.group_index.append(group_index)
+    return request
+
+
+def test_ingest_handoff_settles_each_request_once_and_leaves_no_record_for_unauthorized_ones(
+    budget_stack: BudgetStack,
+) -> None:
+    """SettleBatch's compact form (ingest's hand-off): a reservation is settled (overspend
+    reported), a request settled directly before is not counted again, spend lands in the
+    period of its group's time, a retried hand-off changes nothing, and a request never
+    authorized leaves no record of its own yet a later direct Settle of it is recognised."""
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    reserved, direct, bare, old = (f"{name}-{key_id}" for name in ("hr", "hd", "hb", "ho"))
+    assert authorize(stub, budget_stack, key_id, 200_000, reserved).allowed
+    stub.Settle(settle_request(key_id, 50_000, direct), timeout=10, metadata=budget_stack.auth())
+    handoff = _handoff(key_id, [(reserved, 300_000, 0), (direct, 50_000, 0), (bare, 100_000, 0), (old, 20_000, 1)])
+    batch = stub.SettleBatch(handoff, timeout=10, metadata=budget_stack.auth())
+    assert (batch.settled, batch.already_settled) == (3, 1)
+    assert batch.overspend_micros == 100_000 + 100_000 + 20_000  # above the reservation, and no reservation
+    with budget_stack.http() as client:
+        budget = client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]
+    assert budget["currentSpend"] == 0.45  # 0.05 direct + 0.30 + 0.10; last month's 0.02 is not in this period
+    assert budget["reserved"] == 0
+
+    again = stub.SettleBatch(handoff, timeout=10, metadata=budget_stack.auth())
+    assert (again.settled, again.already_settled, again.overspend_micros) == (0, 4, 0)
+    with budget_stack.redis_client() as client:
+        assert client.exists(f"{{tally:budget}}:r:{bare}") == 0
+        assert client.hget(f"{{tally:budget}}:r:{reserved}", "st") == b"s"
+    late = stub.Settle(settle_request(key_id, 100_000, bare), timeout=10, metadata=budget_stack.auth())
+    assert late.already_settled
+    assert late.remaining[0].committed_micros == 450_000
+    items = stub.SettleBatch(
+        budget_pb2.SettleBatchRequest(items=[settle_request(key_id, 100_000, bare)]),
+        timeout=10,
+        metadata=budget_stack.auth(),
+    )
+    assert (items.settled, items.already_settled) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "field_name"),
+    [
+        (lambda r: r.group_index.append(0), "groupIndex"),
+        (lambda r: r.actual_cost_micros.__setitem__(0, -1), "actualCostMicros"),
+        (lambda r: r.group_index.__setitem__(0, 2), "groupIndex"),
+        (lambda r: r.request_ids.__setitem__(0, ""), "requestIds"),
+        (lambda r: r.groups[0].__setattr__("key_id", "not-a-key"), "groups[0].keyId"),
+        (lambda r: r.ClearField("handoff_id"), "handoffId"),
+    ],
+)
+def test_invalid_handoff_is_refused_naming_the_field(budget_stack: BudgetStack, change: Any, field_name: str) -> None:
+    key_id = new_key(budget_stack, 100.00)
+    request = _handoff(key_id, [(f"bad-{uuid.uuid4().hex}", 1_000, 0)])
+    change(request)
+    with pytest.raises(grpc.RpcError) as caught:
+        budget_stack.stub().SettleBatch(request, timeout=10, metadata=budget_stack.auth())
+    status = rpc_status.from_call(caught.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in status.details)
+    assert [v.field for v in bad.field_violations] == [field_name]
+    with budget_stack.http() as client:
+        assert client.get(f"/api/admin/virtual-keys/{key_id}/budget").json()["data"]["currentSpend"] == 0
+
+
 def test_retried_authorize_reserves_once_and_release_gives_back(budget_stack: BudgetStack) -> None:
     key_id = new_key(budget_stack, 1.00)
     stub = budget_stack.stub()
@@ -1228,6 +1308,16 @@ def test_cluster_settle_events_and_flushall_rebuild(
         )
         assert (batch.settled, batch.already_settled, batch.overspend_micros) == (2, 0, 100_000)
         assert authorize(stub, budget_stack, key_id, 0).remaining[0].committed_micros == ingest_micros + 200_000
+        # Ingest's compact hand-off (lua.SETTLE_HANDOFF) on the cluster too.
+        assert authorize(stub, budget_stack, key_id, 100_000, "c3-" + key_id).allowed
+        compact = stub.SettleBatch(
+            _handoff(key_id, [("c3-" + key_id, 50_000, 0), ("c4-" + key_id, 30_000, 0)]),
+            timeout=10,
+            metadata=budget_stack.auth(),
+        )
+        assert (compact.settled, compact.already_settled, compact.overspend_micros) == (2, 0, 30_000)
+        committed = authorize(stub, budget_stack, key_id, 0).remaining[0].committed_micros
+        assert committed == ingest_micros + 200_000 + 80_000
     finally:
         reader.close()
     keys = _cluster_scan(cluster)

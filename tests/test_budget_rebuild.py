@@ -68,7 +68,8 @@ async def _settle(
     store: BudgetStore, script: str, key_id: str, *settlements: tuple[int, int], provider: str = "p"
 ) -> None:
     """Settles (amount, transaction id) pairs of one key in one call: per item (lua.SETTLE, as
-    Settle does) or as a batch (lua.SETTLE_SPEND, as SettleBatch does)."""
+    Settle does), as a batch (lua.SETTLE_SPEND, as SettleBatch's items), or as ingest's hand-off
+    (lua.SETTLE_HANDOFF, SettleBatch's compact form: a spend group per transaction)."""
     key, global_ = _call(key_scope(key_id)), _call(GLOBAL)
     if script == "SETTLE":
         entries = [
@@ -82,8 +83,22 @@ async def _settle(
     items = [
         SpendItem(uuid.uuid4().hex, amount, 0, 0, provider, transaction_id) for amount, transaction_id in settlements
     ]
-    chunk = SpendChunk([KeyGroup(key_id, key, period)], [GlobalGroup(global_, period, PROVIDERS)], items)
-    (result,) = await store.settle_spend([chunk], settled_ttl_ms=60_000, unreserved_ttl_ms=60_000)
+    groups = (KeyGroup(key_id, key, period),), (GlobalGroup(global_, period, PROVIDERS),)
+    if script == "SETTLE_SPEND":
+        (result,) = await store.settle_spend(
+            [SpendChunk(*groups, items)], settled_ttl_ms=60_000, unreserved_ttl_ms=60_000
+        )
+    else:
+        transactions = sorted({transaction_id for _, transaction_id in settlements})
+        spend_groups = [SpendItem("", 0, 0, 0, provider, transaction_id) for transaction_id in transactions]
+        handed = [(i.request_id, i.actual, transactions.index(i.transaction_id)) for i in items]
+        (result,) = await store.settle_handoff(
+            SpendChunk(*groups, spend_groups),
+            [(0, handed)],
+            handoff_id=uuid.uuid4().hex,
+            settled_ttl_ms=60_000,
+            done_ttl_ms=60_000,
+        )
     assert (result.outcome, result.settled) == (Outcome.DONE, len(items))
 
 
@@ -91,7 +106,7 @@ async def _spent(store: BudgetStore, scope: str) -> int:
     return int(await store.redis.hget(_call(scope).counter, "s") or 0)
 
 
-@pytest.mark.parametrize("script", ["SETTLE", "SETTLE_SPEND"])
+@pytest.mark.parametrize("script", ["SETTLE", "SETTLE_SPEND", "SETTLE_HANDOFF"])
 async def test_settlements_around_a_rebuild_count_exactly_once(store: BudgetStore, script: str) -> None:
     budgeted, unbudgeted = str(uuid.uuid4()), str(uuid.uuid4())
     # The first rebuild: the database (snapshot 100:100:, every transaction below 100 committed) has nothing.

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -62,6 +63,8 @@ AUTHORIZE_BATCH = 256
 SETTLE_CHUNK = 100
 # Most settlements per script run of a SettleBatch (lua.SETTLE_SPEND: 2-3 us each).
 SPEND_CHUNK = 500
+# Most requests per script run of a hand-off (lua.SETTLE_HANDOFF: about 1 us each).
+HANDOFF_CHUNK = 2000
 
 
 def _report_overspend(unreserved: int, above_items: int, above_micros: int, first: str) -> None:
@@ -103,6 +106,29 @@ class SettleItem:
     event_time: datetime | None
     provider: str
     transaction_id: int = 0  # the database transaction that stored the usage (0: unknown)
+
+
+@dataclass(frozen=True)
+class HandoffGroup:
+    """Requests of one key and provider, from one database transaction, within one quarter hour."""
+
+    key_id: str
+    provider: str
+    event_time: datetime
+    transaction_id: int = 0
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Ingest's hand-off of newly stored usage (SettleBatch's compact form): one entry per request
+    in the three columns, each request in one of `groups`. Each request is handed over once; a
+    retry of the same hand-off carries the same `handoff_id`."""
+
+    handoff_id: str
+    groups: Sequence[HandoffGroup]
+    request_ids: Sequence[str]
+    costs: Sequence[int]
+    group_index: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -298,30 +324,70 @@ class BudgetEngine:
         return outcomes
 
     async def settle_batch(self, items: Sequence[SettleItem]) -> SpendResult:
-        """Settles a batch of usage (the ingest hand-off): the same decisions as `settle`, item by
-        item, but each counter is touched once per script run and the answer is the batch's
-        totals (`keys` and `globals` are left empty). Thresholds are evaluated once per scope."""
+        """Settles a batch of usage items: the same decisions as `settle`, item by item, but each
+        counter is touched once per script run and the answer is the batch's totals (`keys` and
+        `globals` are left empty). Thresholds are evaluated once per scope."""
         items = await self._with_key_ids(items)
         parts = [items[start : start + SPEND_CHUNK] for start in range(0, len(items), SPEND_CHUNK)]
-        todo = list(range(len(parts)))
+
+        async def run(todo: Sequence[int], now: datetime) -> list[tuple[SpendChunk, SpendResult]]:
+            chunks = [self._spend_chunk(parts[number], now) for number in todo]
+            results = await self.store.settle_spend(
+                chunks, settled_ttl_ms=self._settled_ttl_ms, unreserved_ttl_ms=self._handoff_ttl_ms
+            )
+            return list(zip(chunks, results, strict=True))
+
+        return await self._settle_rounds(len(parts), run)
+
+    async def settle_handoff(self, handoff: Handoff) -> SpendResult:
+        """Settles ingest's hand-off (see Handoff): as `settle_batch`, but the spend is booked per
+        spend group, and a request never authorized leaves no record of its own."""
+        count = len(handoff.request_ids)
+        columns = (handoff.request_ids, handoff.costs, handoff.group_index)
+        parts = [
+            list(zip(*(column[start : start + HANDOFF_CHUNK] for column in columns), strict=True))
+            for start in range(0, count, HANDOFF_CHUNK)
+        ]
+        groups = [SettleItem("", g.key_id, 0, g.event_time, g.provider, g.transaction_id) for g in handoff.groups]
+
+        async def run(todo: Sequence[int], now: datetime) -> list[tuple[SpendChunk, SpendResult]]:
+            chunk = self._spend_chunk(groups, now)
+            results = await self.store.settle_handoff(
+                chunk,
+                [(number, parts[number]) for number in todo],
+                handoff_id=handoff.handoff_id,
+                settled_ttl_ms=self._settled_ttl_ms,
+                done_ttl_ms=self._handoff_ttl_ms,
+            )
+            return [
+                (chunk, dataclasses.replace(result, already_settled=len(parts[number])) if result.replayed else result)
+                for number, result in zip(todo, results, strict=True)
+            ]
+
+        return await self._settle_rounds(len(parts), run)
+
+    async def _settle_rounds(
+        self, count: int, run: Callable[[Sequence[int], datetime], Awaitable[list[tuple[SpendChunk, SpendResult]]]]
+    ) -> SpendResult:
+        """Runs the `count` chunks of a batch settle (`run` settles those it is given, in one
+        pipeline) until each is done: chunks refused because the counters are not loaded run
+        again after loading them, and those whose scope configuration changed run again with it.
+        Returns the batch's totals, after reporting its overspend and evaluating thresholds."""
+        todo: Sequence[int] = range(count)
         done: list[SpendResult] = []
         spends: dict[tuple[str, str], ScopeSpend] = {}
         for _ in range(4):
-            now = datetime.now(UTC)
-            chunks = [self._spend_chunk(parts[number], now) for number in todo]
-            timeout = self._timeout(chunks=len(chunks))
+            timeout = self._timeout(chunks=len(todo))
             if timeout <= 0:
                 raise StoreUnavailable("no time left before the caller's deadline")
             try:
                 async with asyncio.timeout(timeout):
-                    results = await self.store.settle_spend(
-                        chunks, settled_ttl_ms=self._settled_ttl_ms, unreserved_ttl_ms=self._handoff_ttl_ms
-                    )
+                    settled = await run(todo, datetime.now(UTC))
             except _REDIS_FAILURES as exc:
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             retry: list[int] = []
             loaded = True
-            for number, chunk, result in zip(todo, chunks, results, strict=True):
+            for number, (chunk, result) in zip(todo, settled, strict=True):
                 if result.outcome is Outcome.NOT_LOADED:
                     loaded = False
                     retry.append(number)
@@ -331,7 +397,8 @@ class BudgetEngine:
                     retry.append(number)
                 else:
                     done.append(result)
-                    self._spent(chunk, result, spends)
+                    if not result.replayed:
+                        self._spent(chunk, result, spends)
             if not retry:
                 break
             if not loaded:

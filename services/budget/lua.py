@@ -8,6 +8,8 @@ Layout (P = "{tally:budget}:"):
   P r:<request id>                hash: st (o open, s settled, r released, x expired), k, a, c1, c2, x
   P rexp                          sorted set of open reservations by expiry (ms)
   P p:<per>:<tz>:<epoch>          hash: provider -> settled spend in the global period
+  P h:<unix hour>                 set: request ids ingest handed over with no record (SETTLE_HANDOFF)
+  P hd:<hand-off id>:<chunk>      a SETTLE_HANDOFF chunk applied
   P events                        the enforcement event stream
 """
 
@@ -95,6 +97,16 @@ local function cfgc(key, dper, dtz)
 end
 """
 
+# Whether `rid` was handed over by SETTLE_HANDOFF with no reservation record, in this hour or the
+# last (`hprefix` .. unix hour: a set of request ids, kept until the end of the next hour).
+_HANDED_OVER = """
+local function handed_over(hprefix, rid)
+  local hour = math.floor(now_ms() / 3600000)
+  return redis.call('SISMEMBER', hprefix .. hour, rid) == 1
+    or redis.call('SISMEMBER', hprefix .. (hour - 1), rid) == 1
+end
+"""
+
 # Authorize many items.
 # KEYS: loaded, rexp, then the key table (config, counter and reservation keys)
 # ARGV: default per, default tz, reservation key prefix, sweep limit per item, ttl ms,
@@ -162,7 +174,9 @@ return out
 # ARGV: default per, default tz, settled marker ttl ms, items (JSON array of arrays of 17 values:
 #       request id, key id, actual, key cfg #, global cfg #, key counter #, global counter #,
 #       reservation #, provider hash #, key per, key tz, global per, global tz,
-#       key counter expire-at, global counter expire-at, provider, database transaction id)
+#       key counter expire-at, global counter expire-at, provider, database transaction id),
+#       the prefix of SETTLE_HANDOFF's sets (a request with no record that is in one was handed
+#       over by ingest already: already settled)
 # Counter rebuilds (RECONCILE) read the database in one snapshot, kept in `rebuild`: the spend of
 # a transaction visible in it is already in the rebuilt global and provider counters and in the
 # counters of the keys rebuilt (those with a budget, or disabled), so it is not added again
@@ -175,6 +189,7 @@ return out
 SETTLE = (
     _HELPERS
     + _BATCH_HELPERS
+    + _HANDED_OVER
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local dper, dtz, settled_ttl = ARGV[1], ARGV[2], ARGV[3]
@@ -192,7 +207,7 @@ for i, it in ipairs(items) do
     res = {1, kper, ktz, gper, gtz}
   else
     local r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2')
-    if r[1] == 's' then
+    if r[1] == 's' or (not r[1] and handed_over(ARGV[5], it[1])) then
       local ks, kr = counters(kc)
       local gs, gr = counters(gc)
       res = {2, klim, ks, kr, glim, gs, gr}
@@ -253,13 +268,12 @@ return out
 #    {2, already settled, settled, overspend with no open reservation, overspend above open
 #     reservations, items settled above an open reservation, the first of their request ids,
 #     {klim, ks, kr} per key group, {glim, gs, gr} per global group}
-SETTLE_SPEND = (
-    _HELPERS
-    + _BATCH_HELPERS
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local dper, dtz, settled_ttl, prefix, bare_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local kgroups, ggroups, items = cjson.decode(ARGV[6]), cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
+# The parts SETTLE_SPEND and SETTLE_HANDOFF share. Before _SPEND_BEGIN: dper, dtz, kgroups (key
+# id, key cfg #, key counter #, per, tz, counter expire-at) and ggroups (global cfg #, global
+# counter #, provider hash #, per, tz, expire-at). _SPEND_BEGIN returns the stale groups, if any
+# (nothing written), and defines `add_spend`, which books settled spend on a key group and a
+# global group (once per distinct counter at the end, in _SPEND_END, which returns the totals).
+_SPEND_BEGIN = """
 local stale, klim, kcap, glim = {}, {}, {}, {}
 for i, g in ipairs(kgroups) do
   local per, tz, lim, dis = cfgc(KEYS[g[2]], dper, dtz)
@@ -277,49 +291,22 @@ local rb = redis.call('HMGET', KEYS[3], 'until', 'snap')
 local snap = parse_snap(rb[2])
 local logging = rb[1] and tonumber(rb[1]) > now_ms()
 local kadd, gadd, padd, logged = {}, {}, {}, {}
-local already, settled, over_none, over_open, open_n, first_open = 0, 0, 0, 0, 0, ''
-for _, it in ipairs(items) do
-  local rid, actual, ki, gi = it[1], tonumber(it[2]), it[3], it[4]
-  local rk = prefix .. rid
-  local r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2')
-  if r[1] == 's' then
-    already = already + 1
-  else
-    settled = settled + 1
-    local reserved = 0
-    if r[1] == 'o' then
-      reserved = tonumber(r[2])
-      redis.call('HINCRBY', r[3], 'r', -reserved)
-      redis.call('HINCRBY', r[4], 'r', -reserved)
-      redis.call('ZREM', KEYS[2], rid)
-      if actual > reserved then
-        over_open = over_open + actual - reserved
-        open_n = open_n + 1
-        if first_open == '' then first_open = rid end
-      end
-    elseif actual > 0 then
-      over_none = over_none + actual
-    end
-    local counted = visible(snap, it[6])
-    if not counted or not kcap[ki] then kadd[ki] = (kadd[ki] or 0) + actual end
-    if not counted then
-      gadd[gi] = (gadd[gi] or 0) + actual
-      local pk = gi .. '|' .. it[5]
-      padd[pk] = (padd[pk] or 0) + actual
-      if logging then
-        local lk = it[6] .. '|' .. ki .. '|' .. gi .. '|' .. it[5]
-        logged[lk] = (logged[lk] or 0) + actual
-      end
-    end
-    redis.call('HSET', rk, 'st', 's', 'k', kgroups[ki][1], 'a', it[2])
-    if r[1] then
-      redis.call('HDEL', rk, 'c1', 'c2', 'x')
-      redis.call('PEXPIRE', rk, settled_ttl)
-    else
-      redis.call('PEXPIRE', rk, bare_ttl)
+local function add_spend(ki, gi, provider, xid, actual)
+  local counted = visible(snap, xid)
+  if not counted or not kcap[ki] then kadd[ki] = (kadd[ki] or 0) + actual end
+  if not counted then
+    gadd[gi] = (gadd[gi] or 0) + actual
+    local pk = gi .. '|' .. provider
+    padd[pk] = (padd[pk] or 0) + actual
+    if logging then
+      local lk = xid .. '|' .. ki .. '|' .. gi .. '|' .. provider
+      logged[lk] = (logged[lk] or 0) + actual
     end
   end
 end
+local already, settled, over_none, over_open, open_n, first_open = 0, 0, 0, 0, 0, ''
+"""
+_SPEND_END = """
 local function int(n) return string.format('%.0f', n) end
 for ki, amount in pairs(kadd) do redis.call('HINCRBY', KEYS[kgroups[ki][3]], 's', int(amount)) end
 for gi, amount in pairs(gadd) do redis.call('HINCRBY', KEYS[ggroups[gi][2]], 's', int(amount)) end
@@ -347,6 +334,140 @@ for i, g in ipairs(ggroups) do
 end
 return {2, already, settled, over_none, over_open, open_n, first_open, kout, gout}
 """
+# Settle a batch of usage given as items (SettleBatch's `items`). Same decisions as SETTLE, item
+# by item in order, but the counters are touched once per distinct counter, not per item, and
+# the reply is the batch's totals and each counter's state, not one answer per item. Items share
+# a few counter groups:
+# KEYS: loaded, rexp, rebuild, rebuild log, then the key table (config, counter and provider keys)
+# ARGV: default per, default tz, settled marker ttl ms, reservation key prefix, settled marker ttl
+#       ms of an item with no reservation record (its request was never authorized),
+#       key groups (JSON: key id, key cfg #, key counter #, key per, key tz, counter expire-at),
+#       global groups (JSON: global cfg #, global counter #, provider hash #, per, tz, expire-at),
+#       items (JSON: request id, actual, key group #, global group #, provider, transaction id),
+#       the prefix of SETTLE_HANDOFF's sets of request ids handed over with no record
+# Nothing is written when a group's period is not its scope's any more (stale).
+# -> {0} not loaded | {1, {cfg key, per, tz}...} stale |
+#    {2, already settled, settled, overspend with no open reservation, overspend above open
+#     reservations, items settled above an open reservation, the first of their request ids,
+#     {klim, ks, kr} per key group, {glim, gs, gr} per global group}
+SETTLE_SPEND = (
+    _HELPERS
+    + _BATCH_HELPERS
+    + _HANDED_OVER
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local dper, dtz, settled_ttl, prefix, bare_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local kgroups, ggroups, items = cjson.decode(ARGV[6]), cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
+"""
+    + _SPEND_BEGIN
+    + """
+for _, it in ipairs(items) do
+  local rid, actual, ki, gi = it[1], tonumber(it[2]), it[3], it[4]
+  local rk = prefix .. rid
+  local r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2')
+  if r[1] == 's' or (not r[1] and handed_over(ARGV[9], rid)) then
+    already = already + 1
+  else
+    settled = settled + 1
+    local reserved = 0
+    if r[1] == 'o' then
+      reserved = tonumber(r[2])
+      redis.call('HINCRBY', r[3], 'r', -reserved)
+      redis.call('HINCRBY', r[4], 'r', -reserved)
+      redis.call('ZREM', KEYS[2], rid)
+      if actual > reserved then
+        over_open = over_open + actual - reserved
+        open_n = open_n + 1
+        if first_open == '' then first_open = rid end
+      end
+    elseif actual > 0 then
+      over_none = over_none + actual
+    end
+    add_spend(ki, gi, it[5], it[6], actual)
+    redis.call('HSET', rk, 'st', 's', 'k', kgroups[ki][1], 'a', it[2])
+    if r[1] then
+      redis.call('HDEL', rk, 'c1', 'c2', 'x')
+      redis.call('PEXPIRE', rk, settled_ttl)
+    else
+      redis.call('PEXPIRE', rk, bare_ttl)
+    end
+  end
+end
+"""
+    + _SPEND_END
+)
+
+# Settle ingest's hand-off (SettleBatch's compact form): the requests of a few spend groups (a
+# key, a provider, a transaction and a quarter hour each). A request with a record (a
+# reservation, or a direct Settle before) is settled as SETTLE_SPEND settles it; a request with
+# none (never authorized) adds its spend and is only remembered in the hour's set of request ids
+# handed over (for a later direct Settle of it; see _HANDED_OVER) instead of getting a record of
+# its own: a set member costs Redis a fraction of a key with an expiry, in memory and in time.
+# A chunk already applied (its marker `done` exists) changes nothing again.
+# KEYS: loaded, rexp, rebuild, rebuild log, then the key table (config, counter and provider keys)
+# ARGV: default per, default tz, settled marker ttl ms, reservation key prefix, prefix of the
+#       hand-off sets, this chunk's done marker, its ttl ms, key groups and global groups (JSON,
+#       as SETTLE_SPEND), spend groups (JSON: key group #, global group #, provider, transaction
+#       id), items (JSON: request id, actual (a number), spend group # 0-based)
+# -> as SETTLE_SPEND, or {3} when the chunk had been applied before
+SETTLE_HANDOFF = (
+    _HELPERS
+    + _BATCH_HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local dper, dtz, settled_ttl, prefix, hprefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local kgroups, ggroups = cjson.decode(ARGV[8]), cjson.decode(ARGV[9])
+"""
+    + _SPEND_BEGIN
+    + """
+if not redis.call('SET', ARGV[6], '1', 'NX', 'PX', ARGV[7]) then return {3} end
+local sgroups, items = cjson.decode(ARGV[10]), cjson.decode(ARGV[11])
+local sadd, bare = {}, {}
+for _, it in ipairs(items) do
+  local rid, actual, si = it[1], it[2], it[3] + 1
+  local rk = prefix .. rid
+  local r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2')
+  if r[1] == 's' then
+    already = already + 1
+  else
+    settled = settled + 1
+    sadd[si] = (sadd[si] or 0) + actual
+    if not r[1] then
+      bare[#bare + 1] = rid
+      over_none = over_none + actual
+    else
+      if r[1] == 'o' then
+        local reserved = tonumber(r[2])
+        redis.call('HINCRBY', r[3], 'r', -reserved)
+        redis.call('HINCRBY', r[4], 'r', -reserved)
+        redis.call('ZREM', KEYS[2], rid)
+        if actual > reserved then
+          over_open = over_open + actual - reserved
+          open_n = open_n + 1
+          if first_open == '' then first_open = rid end
+        end
+      else
+        over_none = over_none + actual
+      end
+      local g = sgroups[si]
+      redis.call('HSET', rk, 'st', 's', 'k', kgroups[g[1]][1], 'a', string.format('%.0f', actual))
+      redis.call('HDEL', rk, 'c1', 'c2', 'x')
+      redis.call('PEXPIRE', rk, settled_ttl)
+    end
+  end
+end
+if #bare > 0 then
+  local hour = math.floor(now_ms() / 3600000)
+  local hk = hprefix .. hour
+  for i = 1, #bare, 1000 do redis.call('SADD', hk, unpack(bare, i, math.min(i + 999, #bare))) end
+  redis.call('EXPIREAT', hk, (hour + 2) * 3600)
+end
+for si, amount in pairs(sadd) do
+  local g = sgroups[si]
+  add_spend(g[1], g[2], g[3], g[4], amount)
+end
+"""
+    + _SPEND_END
 )
 
 # KEYS: reservation keys. -> the key id of each reservation ('' when there is none)

@@ -27,6 +27,9 @@ REBUILD_KEY = PREFIX + "rebuild"
 REBUILD_LOG_KEY = PREFIX + "rebuild:log"
 RESERVATION_PREFIX = PREFIX + "r:"
 EXPIRY_KEY = PREFIX + "rexp"
+# Request ids ingest handed over with no record, a set per hour; and hand-off chunks applied.
+HANDOFF_PREFIX = PREFIX + "h:"
+HANDOFF_DONE_PREFIX = PREFIX + "hd:"
 EVENTS_KEY = PREFIX + "events"
 GLOBAL_SCOPE = "global"
 GLOBAL_CONFIG_KEY = PREFIX + "cfg:" + GLOBAL_SCOPE
@@ -186,6 +189,7 @@ class SpendResult:
     first_open: str = ""  # the first of their request ids
     keys: Sequence[Counts] = ()  # per key group, after the chunk
     globals: Sequence[Counts] = ()  # per global group, after the chunk
+    replayed: bool = False  # a hand-off chunk applied before: nothing changed
 
 
 NOT_LOADED_AUTHORIZE = AuthorizeResult(Outcome.NOT_LOADED)
@@ -211,6 +215,8 @@ def _spend_result(reply: list[Any]) -> SpendResult:
         prefix = config_key("")
         stale = [(_text(key)[len(prefix) :], ScopeConfig(_text(per), _text(tz))) for key, per, tz in reply[1:]]
         return SpendResult(Outcome.STALE, stale=stale)
+    if outcome == 3:
+        return SpendResult(Outcome.DONE, replayed=True)
     return SpendResult(
         Outcome.DONE,
         already_settled=int(reply[1]),
@@ -302,6 +308,7 @@ class BudgetStore:
         self._key_ids = redis.register_script(lua.RESERVATION_KEY_IDS)
         self._settle = redis.register_script(lua.SETTLE)
         self._settle_spend = redis.register_script(lua.SETTLE_SPEND)
+        self._settle_handoff = redis.register_script(lua.SETTLE_HANDOFF)
         self._release = redis.register_script(lua.RELEASE)
         self._sweep = redis.register_script(lua.SWEEP)
         self._read_counters = redis.register_script(lua.READ_COUNTERS)
@@ -420,7 +427,7 @@ class BudgetStore:
             )
             for entry in entries
         ]
-        return table.keys, [self.default.period, self.default.tz, settled_ttl_ms, _json(items)]
+        return table.keys, [self.default.period, self.default.tz, settled_ttl_ms, _json(items), HANDOFF_PREFIX]
 
     async def settle_spend(
         self, chunks: Sequence[SpendChunk], *, settled_ttl_ms: int, unreserved_ttl_ms: int
@@ -440,6 +447,17 @@ class BudgetStore:
         self, chunk: SpendChunk, settled_ttl_ms: int, unreserved_ttl_ms: int
     ) -> tuple[list[str], list[Any]]:
         table = _KeyTable((LOADED_KEY, EXPIRY_KEY, REBUILD_KEY, REBUILD_LOG_KEY))
+        groups = self._group_tables(chunk, table)
+        items = [
+            (i.request_id, str(i.actual), i.key_group + 1, i.global_group + 1, i.provider, str(i.transaction_id))
+            for i in chunk.items
+        ]
+        args = [self.default.period, self.default.tz, settled_ttl_ms, RESERVATION_PREFIX, unreserved_ttl_ms]
+        return table.keys, [*args, *groups, _json(items), HANDOFF_PREFIX]
+
+    @staticmethod
+    def _group_tables(chunk: SpendChunk, table: _KeyTable) -> tuple[str, str]:
+        """The key and global groups of a chunk as the spend scripts take them (JSON)."""
         key_groups = [
             (
                 group.key_id,
@@ -462,12 +480,38 @@ class BudgetStore:
             )
             for group in chunk.global_groups
         ]
-        items = [
-            (i.request_id, str(i.actual), i.key_group + 1, i.global_group + 1, i.provider, str(i.transaction_id))
-            for i in chunk.items
-        ]
-        args = [self.default.period, self.default.tz, settled_ttl_ms, RESERVATION_PREFIX, unreserved_ttl_ms]
-        return table.keys, [*args, _json(key_groups), _json(global_groups), _json(items)]
+        return _json(key_groups), _json(global_groups)
+
+    async def settle_handoff(
+        self,
+        groups: SpendChunk,
+        item_chunks: Sequence[tuple[int, Sequence[tuple[str, int, int]]]],
+        *,
+        handoff_id: str,
+        settled_ttl_ms: int,
+        done_ttl_ms: int,
+    ) -> list[SpendResult]:
+        """Settles ingest's hand-off (lua.SETTLE_HANDOFF): `groups` holds the spend groups (one
+        SpendItem each, with no request id) and their counter groups; each item chunk (its
+        number in the hand-off, and its (request id, actual, spend group index) items) is one
+        script run, all in one pipeline. A chunk applied before (same `handoff_id` and number)
+        changes nothing."""
+        table = _KeyTable((LOADED_KEY, EXPIRY_KEY, REBUILD_KEY, REBUILD_LOG_KEY))
+        key_groups, global_groups = self._group_tables(groups, table)
+        spend_groups = _json(
+            [(i.key_group + 1, i.global_group + 1, i.provider, str(i.transaction_id)) for i in groups.items]
+        )
+        head = [self.default.period, self.default.tz, settled_ttl_ms, RESERVATION_PREFIX, HANDOFF_PREFIX]
+        calls = [
+            (
+                table.keys,
+                [*head, f"{HANDOFF_DONE_PREFIX}{handoff_id}:{number}", done_ttl_ms, key_groups, global_groups,
+                 spend_groups, _json(items)],
+            )
+            for number, items in item_chunks
+        ]  # fmt: skip
+        replies = await self._pipelined(self._settle_handoff, calls)
+        return [_spend_result(reply) for reply in replies]
 
     async def _pipelined(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Runs `script` once per (keys, args) in one pipeline (one round trip); loads the script

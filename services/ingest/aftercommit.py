@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ SETTLE_BATCH = 5000
 SETTLE_TIMEOUT_SECONDS = 5.0
 FLUSH_SECONDS = 0.5
 MAX_PENDING_SETTLEMENTS = 200_000
+QUARTER_HOUR = 900
 
 
 @dataclass
@@ -59,6 +61,16 @@ class Outcome:
         unpriced = sum(1 for e in accepted if e.unpriced)
         late = sum(1 for e in accepted if e.late)
         return cls(accepted, duplicate, rejected, unpriced, late, transaction_id)
+
+
+@dataclass
+class _Handoff:
+    """A SettleBatch being filled (compact form): its spend groups by (key, provider, quarter
+    hour, transaction), and its oldest request (event time in ns, request id)."""
+
+    request: budget_pb2.SettleBatchRequest
+    groups: dict[tuple[str, str, int, int], int] = field(default_factory=dict)
+    oldest: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,9 @@ class AfterCommit:
         self._last_ingest = 0.0
         # Spend of accepted events, already in the budget service's request form (compact: a
         # backlog may hold MAX_PENDING_SETTLEMENTS); the last request fills up to SETTLE_BATCH.
-        self._settlements: list[budget_pb2.SettleBatchRequest] = []
+        self._settlements: list[_Handoff] = []
+        self._instance = uuid.uuid4().hex
+        self._handoffs = 0
         self._pending_settlements = 0
         self.oldest_unreconciled: Unreconciled | None = None
         self.redis_ok = True
@@ -245,39 +259,64 @@ class AfterCommit:
             log.warning("live counters not updated: redis unavailable", extra={"error": repr(exc)})
 
     def _add_settlements(self, outcome: Outcome) -> None:
+        """Adds the batch's spend to the pending hand-offs, in SettleBatch's compact form: three
+        columns (request id, cost, spend group) and a spend group per key, provider, quarter hour
+        and transaction (a quarter hour is inside one budget period in every time zone)."""
         xid = outcome.transaction_id
-        requests = self._settlements
-        request = requests[-1] if requests and len(requests[-1].items) < SETTLE_BATCH else None
+        pending = self._settlements
+        handoff = pending[-1] if pending and len(pending[-1].request.request_ids) < SETTLE_BATCH else None
+        request_ids: list[str] = []
+        costs: list[int] = []
+        group_index: list[int] = []
         for event in outcome.accepted:
-            if not event.cost_micros:
+            cost = event.cost_micros
+            if not cost:
                 continue
-            if request is None or len(request.items) >= SETTLE_BATCH:
-                request = budget_pb2.SettleBatchRequest()
-                requests.append(request)
-            item = request.items.add(
-                request_id=event.request_id,
-                key_id=event.key_text,
-                actual_cost_micros=event.cost_micros,
-                provider=event.provider,
-                database_transaction_id=xid,
-            )
-            item.event_time.seconds = event.epoch_seconds
-            item.event_time.nanos = event.epoch_nanos
-            self._pending_settlements += 1
+            if handoff is None or len(handoff.request.request_ids) + len(request_ids) >= SETTLE_BATCH:
+                if handoff is not None:
+                    self._extend(handoff, request_ids, costs, group_index)
+                    request_ids, costs, group_index = [], [], []
+                self._handoffs += 1
+                handoff = _Handoff(budget_pb2.SettleBatchRequest(handoff_id=f"{self._instance}-{self._handoffs}"))
+                pending.append(handoff)
+            mark = (event.key_text, event.provider, event.epoch_seconds // QUARTER_HOUR, xid)
+            number = handoff.groups.get(mark)
+            if number is None:
+                number = handoff.groups[mark] = len(handoff.request.groups)
+                group = handoff.request.groups.add(
+                    key_id=event.key_text, provider=event.provider, database_transaction_id=xid
+                )
+                group.event_time.seconds = event.epoch_seconds
+            request_ids.append(event.request_id)
+            costs.append(cost)
+            group_index.append(number)
+            at = event.epoch_seconds * 1_000_000_000 + event.epoch_nanos
+            if handoff.oldest is None or at < handoff.oldest[0]:
+                handoff.oldest = (at, event.request_id)
+        if handoff is not None:
+            self._extend(handoff, request_ids, costs, group_index)
+
+    def _extend(self, handoff: _Handoff, request_ids: list[str], costs: list[int], group_index: list[int]) -> None:
+        handoff.request.request_ids.extend(request_ids)
+        handoff.request.actual_cost_micros.extend(costs)
+        handoff.request.group_index.extend(group_index)
+        self._pending_settlements += len(request_ids)
 
     async def _flush_settlements(self) -> None:
         pending, self._settlements, self._pending_settlements = self._settlements, [], 0
-        for request in pending:
+        for handoff in pending:
+            if not handoff.request.request_ids:
+                continue
             try:
                 await self._budget.SettleBatch(
-                    request, timeout=SETTLE_TIMEOUT_SECONDS, metadata=call_metadata(self._master_key)
+                    handoff.request, timeout=SETTLE_TIMEOUT_SECONDS, metadata=call_metadata(self._master_key)
                 )
             except grpc.aio.AioRpcError as exc:
                 DROPPED.labels("settle", exc.code().name).inc()
-                first = min(request.items, key=lambda i: (i.event_time.seconds, i.event_time.nanos))
-                self._mark_oldest(
-                    first.request_id, first.event_time.ToDatetime(UTC), f"budget service: {exc.code().name}"
-                )
+                if handoff.oldest is not None:
+                    at, request_id = handoff.oldest
+                    when = datetime.fromtimestamp(at // 1_000_000_000, UTC).replace(microsecond=at % 10**9 // 1000)
+                    self._mark_oldest(request_id, when, f"budget service: {exc.code().name}")
 
     def _mark_unreconciled(self, spends: Sequence[ValidEvent], reason: str) -> None:
         if spends:

@@ -89,7 +89,8 @@ def _batch_sql(late_threshold_seconds: int) -> str:
     WITH ins AS (
         INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY request_id, event_time
         ON CONFLICT DO NOTHING
-        RETURNING {_RETURNED}, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb),
+        RETURNING {_RETURNED}, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb,
+                  width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb),
     {_rollup_insert("hourly", "usage_rollup_hourly", "1 hour", late_threshold_seconds)},
     {derived_rollup_ctes()},
     fingerprints AS (

@@ -294,27 +294,101 @@ Global___SettleResponse: _TypeAlias = SettleResponse  # noqa: Y015
 
 @_typing.final
 class SettleBatchRequest(_message.Message):
-    """Settles many requests."""
+    """Settles many requests: as `items` (one settle each, every request id checked against earlier
+    settles), and/or in the compact form of ingest's hand-off (spend `groups` plus three parallel
+    columns, one entry per request: `request_ids`, `actual_cost_micros`, `group_index`).
+    The compact form is for a caller that hands each request over once (ingest: each newly stored
+    event): a request id is settled against its reservation or a direct Settle before, but a
+    request with neither is only remembered briefly (for a later direct Settle of it), not recorded
+    one by one. A retried compact call with the same `handoff_id` changes nothing again.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEMS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    ACTUAL_COST_MICROS_FIELD_NUMBER: _builtins.int
+    GROUP_INDEX_FIELD_NUMBER: _builtins.int
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """Compact form: identifies this hand-off (unique per call; a retry carries the same id)."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleRequest]:
         """One settle per item."""
+
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpendGroup]:
+        """Compact form: the spend groups the requests belong to."""
+
+    @_builtins.property
+    def request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Compact form: the request id of each request."""
+
+    @_builtins.property
+    def actual_cost_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Compact form: the actual cost of each request, micro-units (>= 0)."""
+
+    @_builtins.property
+    def group_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Compact form: the index into `groups` of each request."""
 
     def __init__(
         self,
         *,
         items: _abc.Iterable[Global___SettleRequest] | None = ...,
+        groups: _abc.Iterable[Global___SpendGroup] | None = ...,
+        request_ids: _abc.Iterable[_builtins.str] | None = ...,
+        actual_cost_micros: _abc.Iterable[_builtins.int] | None = ...,
+        group_index: _abc.Iterable[_builtins.int] | None = ...,
+        handoff_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_cost_micros", b"actual_cost_micros", "group_index", b"group_index", "groups", b"groups", "handoff_id", b"handoff_id", "items", b"items", "request_ids", b"request_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleBatchRequest: _TypeAlias = SettleBatchRequest  # noqa: Y015
+
+@_typing.final
+class SpendGroup(_message.Message):
+    """Requests of one key and provider, from one database transaction, whose usage happened within
+    one quarter of an hour (UTC): they fall into the same budget period in every time zone, whose
+    offsets are all whole quarter hours.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    DATABASE_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Virtual key (UUID)."""
+    provider: _builtins.str
+    """Provider of the calls (for the provider breakdown)."""
+    database_transaction_id: _builtins.int
+    """The database transaction that committed the usage (see SettleRequest)."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the usage happened: any time in the group's quarter hour (chooses the budget period)."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        database_transaction_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_transaction_id", b"database_transaction_id", "event_time", b"event_time", "key_id", b"key_id", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendGroup: _TypeAlias = SpendGroup  # noqa: Y015
 
 @_typing.final
 class SettleBatchResponse(_message.Message):
