@@ -71,12 +71,20 @@ class IngestPolicy:
     end_user_key: bytes
 
 
-def _count(value: int, field: str) -> int:
-    if value < 0:
-        raise Rejected(field, "must not be negative")
-    if value > MAX_COUNT:
-        raise Rejected(field, f"must be at most {MAX_COUNT}")
-    return value
+def _check_counts(values: tuple[int, ...], fields: tuple[str, ...]) -> None:
+    """Raises for the first of `values` that is negative or above MAX_COUNT (one min and one max
+    over all of them on the usual path, where every count is fine)."""
+    if min(values) >= 0 and max(values) <= MAX_COUNT:
+        return
+    for value, field in zip(values, fields, strict=True):
+        if value < 0:
+            raise Rejected(field, "must not be negative")
+        if value > MAX_COUNT:
+            raise Rejected(field, f"must be at most {MAX_COUNT}")
+
+
+_TOKEN_FIELDS = ("inputTokens", "outputTokens", "cachedReadTokens", "cacheWriteTokens", "reasoningTokens", "images")
+_TIME_FIELDS = ("latencyMs", "timeToFirstTokenMs")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -85,6 +93,7 @@ _ZERO_SECONDS = Decimal("0.000")
 _CACHE_LIMIT = 100_000
 _good_names: set[str] = set()
 _key_ids: dict[str, tuple[uuid.UUID, str]] = {}
+_seconds: dict[int, datetime] = {}
 
 
 def _name(value: str, field: str) -> str:
@@ -115,6 +124,17 @@ def _key_id(value: str) -> tuple[uuid.UUID, str]:
     return known
 
 
+def _event_time(seconds: int, nanos: int) -> datetime:
+    """The UTC datetime of a timestamp (cached by the second: a batch's events share few)."""
+    base = _seconds.get(seconds)
+    if base is None:
+        base = _EPOCH + timedelta(seconds=seconds)
+        if len(_seconds) >= _CACHE_LIMIT:
+            _seconds.clear()
+        _seconds[seconds] = base
+    return base.replace(microsecond=nanos // 1000) if nanos >= 1000 else base
+
+
 def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, prices: PriceBook) -> ValidEvent:
     """Checks one event and builds its row; raises Rejected naming the (camelCase) field."""
     request_id = event.request_id
@@ -125,7 +145,8 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
     if not event.HasField("event_time"):
         raise Rejected("eventTime", "required (a retry must carry the original event time)")
     stamp = event.event_time
-    event_time = _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+    epoch_seconds, epoch_nanos = stamp.seconds, stamp.nanos
+    event_time = _event_time(epoch_seconds, epoch_nanos)
     if event_time > now + policy.future_skew:
         raise Rejected("eventTime", f"is in the future beyond the allowed skew of {policy.future_skew}")
     if event_time < now - policy.late_window:
@@ -141,22 +162,28 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
             raise Rejected("operation", "must be dotted lower-case words, e.g. chat.completions")
         if len(_good_names) < _CACHE_LIMIT:
             _good_names.add(operation)
-    input_tokens = _count(event.input_tokens, "inputTokens")
-    output_tokens = _count(event.output_tokens, "outputTokens")
-    cached_read = _count(event.cached_read_tokens, "cachedReadTokens")
-    cache_write = _count(event.cache_write_tokens, "cacheWriteTokens")
-    reasoning = _count(event.reasoning_tokens, "reasoningTokens")
-    images = _count(event.images, "images")
+    counts = (
+        event.input_tokens,
+        event.output_tokens,
+        event.cached_read_tokens,
+        event.cache_write_tokens,
+        event.reasoning_tokens,
+        event.images,
+    )
+    _check_counts(counts, _TOKEN_FIELDS)
+    input_tokens, output_tokens, cached_read, cache_write, reasoning, images = counts
     if images > 2**31 - 1:
         raise Rejected("images", "too large")
     audio_seconds = event.audio_seconds
-    if not math.isfinite(audio_seconds) or audio_seconds < 0:
-        raise Rejected("audioSeconds", "must be a finite non-negative number")
-    audio_ms = round(audio_seconds * 1000)
-    if audio_ms > 10**13:
-        raise Rejected("audioSeconds", "too large")
-    latency_ms = _count(event.latency_ms, "latencyMs")
-    ttft_ms = _count(event.time_to_first_token_ms, "timeToFirstTokenMs")
+    audio_ms = 0
+    if audio_seconds:
+        if not math.isfinite(audio_seconds) or audio_seconds < 0:
+            raise Rejected("audioSeconds", "must be a finite non-negative number")
+        audio_ms = round(audio_seconds * 1000)
+        if audio_ms > 10**13:
+            raise Rejected("audioSeconds", "too large")
+    latency_ms, ttft_ms = times = event.latency_ms, event.time_to_first_token_ms
+    _check_counts(times, _TIME_FIELDS)
     if latency_ms > 2**31 - 1 or ttft_ms > 2**31 - 1:
         raise Rejected("latencyMs", "too large")
     http_status = event.http_status or 200
@@ -165,9 +192,11 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
     error_type = event.error_type or None
     if error_type is not None and len(error_type) > MAX_NAME_LENGTH:
         raise Rejected("errorType", f"must be at most {MAX_NAME_LENGTH} characters")
-    if len(event.end_user_id) > MAX_ID_LENGTH:
+    end_user_id = event.end_user_id
+    if len(end_user_id) > MAX_ID_LENGTH:
         raise Rejected("endUserId", f"must be at most {MAX_ID_LENGTH} characters")
-    if len(event.prompt_fingerprint) > 128:
+    fingerprint = event.prompt_fingerprint
+    if len(fingerprint) > 128:
         raise Rejected("promptFingerprint", "must be at most 128 characters")
     tags: dict[str, str] | None = None
     if event.tags:
@@ -180,7 +209,8 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
 
     price_id: int | None = None
     if event.HasField("provider_cost_micros"):
-        cost: int | None = _count(event.provider_cost_micros, "providerCostMicros")
+        cost: int | None = event.provider_cost_micros
+        _check_counts((event.provider_cost_micros,), ("providerCostMicros",))
         source = "provider"
     else:
         price = prices.lookup(provider, model, event_time)
@@ -198,28 +228,28 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
                 audio_ms=audio_ms,
             )
             source, price_id = "computed", price.price_id
-    end_user_hash = hash_end_user(policy.end_user_key, event.end_user_id) if event.end_user_id else None
+    end_user_hash = hash_end_user(policy.end_user_key, end_user_id) if end_user_id else None
     row = (
         event_time, request_id, key_id, provider, model, operation,
         input_tokens, output_tokens, cached_read, cache_write, reasoning,
         images, Decimal(audio_ms).scaleb(-3) if audio_ms else _ZERO_SECONDS,
-        latency_ms, ttft_ms if event.time_to_first_token_ms else None,
+        latency_ms, ttft_ms or None,
         http_status, error_type, event.streaming,
-        event.tools_used, end_user_hash, event.prompt_fingerprint or None, cost, source, price_id,
+        event.tools_used, end_user_hash, fingerprint or None, cost, source, price_id,
         Jsonb(tags) if tags is not None else None,
     )  # fmt: skip
     return ValidEvent(
-        row=row,
-        request_id=request_id,
-        event_time=event_time,
-        epoch_seconds=stamp.seconds,
-        epoch_nanos=stamp.nanos,
-        key_id=key_id,
-        key_text=key_text,
-        provider=provider,
-        model=model,
-        tokens=input_tokens + output_tokens + cached_read + cache_write + reasoning,
-        cost_micros=cost,
-        unpriced=cost is None,
-        late=now - event_time > policy.late_threshold,
+        row,
+        request_id,
+        event_time,
+        epoch_seconds,
+        epoch_nanos,
+        key_id,
+        key_text,
+        provider,
+        model,
+        input_tokens + output_tokens + cached_read + cache_write + reasoning,
+        cost,
+        cost is None,
+        now - event_time > policy.late_threshold,
     )

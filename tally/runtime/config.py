@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Most events committed together in one transaction (group commit of waiting batches).",
     )
+    ingest_gc_threshold: int = Field(
+        50_000,
+        ge=700,
+        description="Allocations between the ingest process's young garbage collections (Python's default is 700).",
+    )
     ingest_compact_seconds: float = Field(
         10.0, gt=0, description="How often ingest merges the rollup rows appended since the last pass."
     )
