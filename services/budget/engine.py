@@ -56,6 +56,9 @@ _RECONCILE_CHUNK = 200
 _REBUILD_LOG_MS = 120_000
 # Most concurrent authorizations decided by one script run.
 AUTHORIZE_BATCH = 256
+# Most Authorize and Settle entries per request-path batch (one pipeline: AUTHORIZE_BATCH per
+# AUTHORIZE run, SETTLE_CHUNK per SETTLE run).
+REQUEST_BATCH = 1024
 # Most settlements per script run: a script blocks every other Redis client while it runs
 # (10-20 us per settlement measured on the 2-core machine), so a large SettleBatch runs as
 # chunks of this size (1-2 ms each), all sent in one pipeline: one round trip.
@@ -141,6 +144,8 @@ class SettleWaiter(Protocol):
     def failed(self, error: BaseException) -> None: ...
 
 
+RequestEntry = AuthorizeEntry | SettleEntry
+RequestResult = AuthorizeResult | SettleResult
 _CHANGING = "the budget configuration kept changing during the call; retry"
 _ATTEMPTS = 4
 
@@ -174,7 +179,7 @@ class _AuthorizeCall:
             self.waiter.failed(exc)
             return
         entry = AuthorizeEntry(self.request_id, self.key_id, self.estimate, key_call, global_call)
-        engine._authorizer.submit_to(entry, self, deadline)
+        engine._requests.submit_to(entry, self, deadline)
 
     def done(self) -> bool:
         return False
@@ -182,7 +187,9 @@ class _AuthorizeCall:
     def set_exception(self, exception: BaseException, /) -> None:
         self.waiter.failed(exception)
 
-    def set_result(self, result: AuthorizeResult, /) -> None:
+    def set_result(self, result: RequestResult, /) -> None:
+        if type(result) is not AuthorizeResult:
+            raise TypeError(f"an authorization was answered with {result!r}")
         if result.outcome is Outcome.NOT_LOADED or result.stale is not None:
             self.attempt += 1
             if self.attempt >= _ATTEMPTS:
@@ -218,7 +225,7 @@ class _SettleCall:
         except Exception as exc:
             self.waiter.failed(exc)
             return
-        engine._settler.submit_to(entry, self, deadline)
+        engine._requests.submit_to(entry, self, deadline)
 
     def done(self) -> bool:
         return False
@@ -226,7 +233,9 @@ class _SettleCall:
     def set_exception(self, exception: BaseException, /) -> None:
         self.waiter.failed(exception)
 
-    def set_result(self, result: SettleResult, /) -> None:
+    def set_result(self, result: RequestResult, /) -> None:
+        if type(result) is not SettleResult:
+            raise TypeError(f"a settlement was answered with {result!r}")
         engine = self.engine
         if result.outcome is Outcome.NOT_LOADED or result.stale is not None:
             self.attempt += 1
@@ -286,18 +295,13 @@ class BudgetEngine:
         self._reconcile_lock = asyncio.Lock()
         self._reconcile_task: asyncio.Task[tuple[int, int]] | None = None
         self._background: set[asyncio.Task[None]] = set()  # the rare slow steps of *_soon calls
-        self._authorizer: Coalescer[AuthorizeEntry, AuthorizeResult] = Coalescer(
-            self._authorize_batch,
-            max_batch=AUTHORIZE_BATCH,
-            failure=_unavailable,
-            observe=metrics.BATCH_ITEMS.labels("authorize").observe,
+        # Authorize and Settle calls made while a batch is out go together in the next one: one
+        # Redis round trip for both kinds.
+        self._requests: Coalescer[RequestEntry, RequestResult] = Coalescer(
+            self._request_batch, max_batch=REQUEST_BATCH, failure=_unavailable
         )
-        self._settler: Coalescer[SettleEntry, SettleResult] = Coalescer(
-            self._settle_batch,
-            max_batch=1_000_000,
-            failure=_unavailable,
-            observe=metrics.BATCH_ITEMS.labels("settle").observe,
-        )
+        self._observe_authorize = metrics.BATCH_ITEMS.labels("authorize").observe
+        self._observe_settle = metrics.BATCH_ITEMS.labels("settle").observe
 
     # ------------------------------------------------------------------ periods and keys
     def zone(self, name: str) -> ZoneInfo:
@@ -368,13 +372,29 @@ class BudgetEngine:
             raise StoreUnavailable("no time left before the caller's deadline")
         return asyncio.get_running_loop().time() + timeout
 
-    async def _authorize_batch(self, entries: Sequence[AuthorizeEntry]) -> list[AuthorizeResult]:
-        return await self.store.authorize_many(
-            entries, ttl_ms=self._ttl_ms, record_ttl_ms=self._ttl_ms + self._settled_ttl_ms
+    async def _request_batch(self, entries: Sequence[RequestEntry]) -> list[RequestResult]:
+        """Decides a batch of concurrent Authorize and Settle entries in one round trip."""
+        authorize = [entry for entry in entries if type(entry) is AuthorizeEntry]
+        settle = [entry for entry in entries if type(entry) is SettleEntry]
+        if authorize:
+            self._observe_authorize(len(authorize))
+        if settle:
+            self._observe_settle(len(settle))
+        authorized, settled = await self.store.request_path_many(
+            authorize,
+            settle,
+            ttl_ms=self._ttl_ms,
+            record_ttl_ms=self._ttl_ms + self._settled_ttl_ms,
+            settled_ttl_ms=self._settled_ttl_ms,
+            authorize_chunk=AUTHORIZE_BATCH,
+            settle_chunk=SETTLE_CHUNK,
         )
-
-    async def _settle_batch(self, entries: Sequence[SettleEntry]) -> list[SettleResult]:
-        return await self.store.settle_many(entries, settled_ttl_ms=self._settled_ttl_ms, chunk=SETTLE_CHUNK)
+        if not settle:
+            return list(authorized)
+        if not authorize:
+            return list(settled)
+        authorize_results, settle_results = iter(authorized), iter(settled)
+        return [next(authorize_results) if type(entry) is AuthorizeEntry else next(settle_results) for entry in entries]
 
     async def authorize(
         self, key_id: str, request_id: str, estimate: int
@@ -387,7 +407,7 @@ class BudgetEngine:
             key_call = self.call(scope, self._cached(scope), now)
             global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), now)
             deadline = self._deadline()
-            (future,) = self._authorizer.submit(
+            (future,) = self._requests.submit(
                 [AuthorizeEntry(request_id, key_id, estimate, key_call, global_call)], deadline
             )
             try:
@@ -395,6 +415,7 @@ class BudgetEngine:
                     result = await future
             except TimeoutError as exc:
                 raise StoreUnavailable("redis did not answer before the deadline") from exc
+            assert isinstance(result, AuthorizeResult)
             if result.outcome is Outcome.NOT_LOADED:
                 await self.ensure_loaded()
                 continue
@@ -647,12 +668,13 @@ class BudgetEngine:
             # Each chunk is one Redis call: the Redis wait allowed grows with them (still bounded
             # by the caller's deadline).
             deadline = self._deadline(chunks=-(-len(entries) // SETTLE_CHUNK))
-            futures = self._settler.submit(entries, deadline)
+            futures = self._requests.submit(entries, deadline)
             try:
                 async with asyncio.timeout_at(deadline):
-                    results = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
+                    answers = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
             except TimeoutError as exc:
                 raise StoreUnavailable("redis did not answer before the deadline") from exc
+            results = [result for result in answers if isinstance(result, SettleResult)]
             retry: list[int] = []
             loaded = True
             # Settled above an open reservation: items, micro-units, the first request id.
