@@ -18,8 +18,10 @@ import pytest
 
 from services.budget.alerts import AlertConfig
 from services.budget.batching import Coalescer
+from services.budget.engine import SettleItem, SettleOutcome, _AuthorizeCall, _SettleCall
 from services.budget.evaluator import Evaluator, ScopeSpend
 from services.budget.periods import PeriodKind, period_at
+from services.budget.store import AuthorizeResult, Outcome, ScopeCall, SettleResult
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.clients.request_path import RequestPathClient, RequestPathError
 from tally.devstack import Redis, free_port
@@ -103,6 +105,32 @@ def test_evaluator_may_fire_only_when_an_unfired_alert_is_reached() -> None:
     assert not evaluator.may_fire(spend)
     assert evaluator.may_fire(ScopeSpend("key:k", "k", period, 101, 100))  # exceeded has not fired
     assert not evaluator.may_fire(ScopeSpend("key:k", "k", period, 40, 100))  # nothing reached
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    def authorized(self, result: AuthorizeResult, key_call: ScopeCall, global_call: ScopeCall) -> None:
+        raise AssertionError("not expected")
+
+    def settled(self, outcome: SettleOutcome) -> None:
+        raise AssertionError("not expected")
+
+    def failed(self, error: BaseException) -> None:
+        self.errors.append(error)
+
+
+def test_a_callback_call_answered_with_the_wrong_kind_of_result_still_hears_of_it() -> None:
+    """Every call is answered: a result the engine's callback sink cannot use becomes the call's
+    failure instead of an exception lost in the batch."""
+    waiter = _Waiter()
+    now = datetime.now(UTC)
+    engine: Any = None  # not reached before the result is refused
+    _AuthorizeCall(engine, "k", "r", 1, waiter, now).set_result(SettleResult(Outcome.DONE))
+    item = SettleItem("r", "k", 1, None, "p")
+    _SettleCall(engine, item, waiter, now).set_result(AuthorizeResult(Outcome.DONE))
+    assert [type(error) for error in waiter.errors] == [TypeError, TypeError]
 
 
 # ------------------------------------------------------------------------------------- against the service

@@ -188,6 +188,12 @@ class _AuthorizeCall:
         self.waiter.failed(exception)
 
     def set_result(self, result: RequestResult, /) -> None:
+        try:
+            self._decided(result)
+        except Exception as exc:  # the call is answered whatever happens
+            self.waiter.failed(exc)
+
+    def _decided(self, result: RequestResult) -> None:
         if type(result) is not AuthorizeResult:
             raise TypeError(f"an authorization was answered with {result!r}")
         if result.outcome is Outcome.NOT_LOADED or result.stale is not None:
@@ -234,6 +240,12 @@ class _SettleCall:
         self.waiter.failed(exception)
 
     def set_result(self, result: RequestResult, /) -> None:
+        try:
+            self._decided(result)
+        except Exception as exc:  # the call is answered whatever happens
+            self.waiter.failed(exc)
+
+    def _decided(self, result: RequestResult) -> None:
         if type(result) is not SettleResult:
             raise TypeError(f"a settlement was answered with {result!r}")
         engine = self.engine
