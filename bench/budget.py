@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bench.common import bench_stack, percentile, write_results
+from bench.common import bench_stack, percentile, process_cpu_seconds, write_results
 from tally.runtime.config import ServiceName
 
 CALLERS = int(os.environ.get("BENCH_BUDGET_CALLERS", "32"))
@@ -49,6 +49,12 @@ WARMUP_SECONDS = 1.5
 ESTIMATE = 2_000  # $0.002
 ACTUAL = 1_500
 TARGETS = {"p50_ms": 1.0, "p99_ms": 3.0, "per_second": 5000}
+# Optional subsets (comma-separated), for quick runs while working on one path: phase names
+# (closed_authorize_only, closed_authorize_plus_settle, open_authorize_plus_settle,
+# open_authorize_plus_settle_low_rate, closed_grpc_transport_floor) and sides (grpc, grpc_stream,
+# baseline_redis_evalsha). Default: all of them.
+PHASES = [p for p in os.environ.get("BENCH_BUDGET_PHASES", "").split(",") if p]
+SIDES_RUN = [s for s in os.environ.get("BENCH_BUDGET_SIDES", "").split(",") if s]
 
 
 def _schedule(index: int, begin: float, rate: float | None) -> tuple[float, float]:
@@ -59,9 +65,12 @@ def _schedule(index: int, begin: float, rate: float | None) -> tuple[float, floa
     return begin + interval * index / CALLERS, interval
 
 
-async def _drive(call: Any, seconds: float, rate: float | None) -> dict[str, Any]:
+async def _drive(call: Any, seconds: float, rate: float | None, watch: dict[str, int] | None = None) -> dict[str, Any]:
     """Runs CALLERS coroutines of `call(index, n) -> (authorize seconds, pair seconds) | None`
-    for a warm-up and then `seconds`, closed loop (rate None) or open loop at `rate` per second."""
+    for a warm-up and then `seconds`, closed loop (rate None) or open loop at `rate` per second.
+    Also the CPU seconds used during the measured part by this process (the load generator) and
+    by each process of `watch` (name -> pid: the budget service, Redis)."""
+    pids = {"load": os.getpid(), **(watch or {})}
     authorize_ms: list[float] = []
     pair_ms: list[float] = []
     errors = 0
@@ -93,14 +102,30 @@ async def _drive(call: Any, seconds: float, rate: float | None) -> dict[str, Any
     begin = time.perf_counter()
     await asyncio.gather(*(caller(i, begin, begin + WARMUP_SECONDS) for i in range(CALLERS)))
     measuring = True
+    cpu_before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
     begin = time.perf_counter()
     await asyncio.gather(*(caller(i, begin, begin + seconds) for i in range(CALLERS)))
     elapsed = time.perf_counter() - begin
-    return {"authorize_ms": authorize_ms, "pair_ms": pair_ms, "elapsed": elapsed, "errors": errors, "late": late}
+    cpu = {name: process_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    return {
+        "authorize_ms": authorize_ms,
+        "pair_ms": pair_ms,
+        "elapsed": elapsed,
+        "errors": errors,
+        "late": late,
+        "cpu_seconds": cpu,
+    }
 
 
 def _grpc_load(
-    address: str, master_key: str, key_id: str, seconds: float, settle: bool, rate: float | None, out: Any
+    address: str,
+    master_key: str,
+    key_id: str,
+    seconds: float,
+    settle: bool,
+    rate: float | None,
+    watch: dict[str, int],
+    out: Any,
 ) -> None:
     """Runs in a child process: CALLERS coroutines doing Authorize (then Settle, with `settle`)."""
     import grpc
@@ -136,13 +161,20 @@ def _grpc_load(
                     return None
                 return authorized, time.perf_counter()
 
-            return await _drive(call, seconds, rate)
+            return await _drive(call, seconds, rate, watch)
 
     out.put(asyncio.run(run()))
 
 
 def _stream_load(
-    address: str, master_key: str, key_id: str, seconds: float, settle: bool, rate: float | None, out: Any
+    address: str,
+    master_key: str,
+    key_id: str,
+    seconds: float,
+    settle: bool,
+    rate: float | None,
+    watch: dict[str, int],
+    out: Any,
 ) -> None:
     """Runs in a child process: the same callers through the gateway client of the request-path
     stream (tally.clients.request_path): one stream for all of them, as one gateway process has."""
@@ -173,14 +205,14 @@ def _stream_load(
                     return None
                 return authorized, time.perf_counter()
 
-            result = await _drive(call, seconds, rate)
+            result = await _drive(call, seconds, rate, watch)
             await client.close()
             return result
 
     out.put(asyncio.run(run()))
 
 
-def _floor_load(address: str, seconds: float, out: Any) -> None:
+def _floor_load(address: str, seconds: float, watch: dict[str, int], out: Any) -> None:
     """Runs in a child process: the same callers calling the service's gRPC health check, which
     does no work: the cost of the gRPC transport alone (client and server) on this machine."""
     import grpc
@@ -196,12 +228,14 @@ def _floor_load(address: str, seconds: float, out: Any) -> None:
                 done = time.perf_counter()
                 return done, done
 
-            return await _drive(call, seconds, None)
+            return await _drive(call, seconds, None, watch)
 
     out.put(asyncio.run(run()))
 
 
-def _evalsha_load(redis_url: str, key_id: str, seconds: float, settle: bool, rate: float | None, out: Any) -> None:
+def _evalsha_load(
+    redis_url: str, key_id: str, seconds: float, settle: bool, rate: float | None, watch: dict[str, int], out: Any
+) -> None:
     """Runs in a child process: CALLERS coroutines calling EVALSHA of the Authorize (and Settle)
     script directly, with the arguments the service passes."""
     from redis.asyncio import Redis
@@ -273,7 +307,7 @@ def _evalsha_load(redis_url: str, key_id: str, seconds: float, settle: bool, rat
                 assert int(reply[0]) == 1 and int(reply[1][0]) == 3, reply
             return authorized, time.perf_counter()
 
-        result = await _drive(call, seconds, rate)
+        result = await _drive(call, seconds, rate, watch)
         await client.aclose()
         return result
 
@@ -300,27 +334,46 @@ def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
 
 
 def _phase(run: dict[str, Any]) -> dict[str, Any]:
+    """Latency figures, and CPU microseconds per measured call (pair) of each watched process."""
+    count = max(1, len(run["pair_ms"]))
     return {
         "authorize": _summary(run["authorize_ms"], run["elapsed"]),
         "authorize_plus_settle": _summary(run["pair_ms"], run["elapsed"]),
         "errors": run["errors"],
         "late_starts": run["late"],
+        "cpu_us_per_call": {name: round(used * 1e6 / count, 1) for name, used in run["cpu_seconds"].items()},
     }
 
 
-def measure(address: str, master_key: str, redis_url: str, key_id: str, seconds: float = SECONDS) -> dict[str, Any]:
-    """Every phase against a running service; gRPC phase then its EVALSHA baseline."""
-    phases: dict[str, Any] = {"closed_grpc_transport_floor": _phase(_in_child(_floor_load, address, seconds))}
+def measure(
+    address: str,
+    master_key: str,
+    redis_url: str,
+    key_id: str,
+    seconds: float = SECONDS,
+    watch: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Every phase (or those of BENCH_BUDGET_PHASES) against a running service; gRPC phase then
+    its EVALSHA baseline. `watch`: processes whose CPU time per call is reported (name -> pid)."""
+    watch = watch or {}
+    phases: dict[str, Any] = {}
+    if not PHASES or "closed_grpc_transport_floor" in PHASES:
+        phases["closed_grpc_transport_floor"] = _phase(_in_child(_floor_load, address, seconds, watch))
     for name, settle, rate in (
         ("closed_authorize_only", False, None),
         ("closed_authorize_plus_settle", True, None),
         ("open_authorize_plus_settle", True, RATE),
         ("open_authorize_plus_settle_low_rate", True, LOW_RATE),
     ):
+        if PHASES and name not in PHASES:
+            continue
+        runs = {
+            "grpc": (_grpc_load, address, master_key, key_id, seconds, settle, rate, watch),
+            "grpc_stream": (_stream_load, address, master_key, key_id, seconds, settle, rate, watch),
+            "baseline_redis_evalsha": (_evalsha_load, redis_url, key_id, seconds, settle, rate, watch),
+        }
         phases[name] = {
-            "grpc": _phase(_in_child(_grpc_load, address, master_key, key_id, seconds, settle, rate)),
-            "grpc_stream": _phase(_in_child(_stream_load, address, master_key, key_id, seconds, settle, rate)),
-            "baseline_redis_evalsha": _phase(_in_child(_evalsha_load, redis_url, key_id, seconds, settle, rate)),
+            side: _phase(_in_child(*run)) for side, run in runs.items() if not SIDES_RUN or side in SIDES_RUN
         }
     return phases
 
@@ -356,10 +409,15 @@ def main() -> None:
                 metadata=[("authorization", f"Bearer {master_key}")],
                 timeout=10,
             )
-        phases = measure(address, master_key, suite.env["REDIS_URL"], key_id)
+        import redis
+
+        with redis.Redis.from_url(suite.env["REDIS_URL"]) as client:
+            redis_pid = int(client.info("server")["process_id"])
+        watch = {"budget": suite.processes[ServiceName.BUDGET.value].pid, "redis": redis_pid}
+        phases = measure(address, master_key, suite.env["REDIS_URL"], key_id, watch=watch)
 
     errors = sum(
-        phase[side]["errors"] for phase in phases.values() if "grpc" in phase for side in ("grpc", "grpc_stream")
+        phase[side]["errors"] for phase in phases.values() for side in ("grpc", "grpc_stream") if side in phase
     )
     figures = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -371,30 +429,54 @@ def main() -> None:
         **phases,
         "grpc_errors": errors,
         "targets": TARGETS,
-        "meets_targets": {side: _meets(phases, side) for side in ("grpc", "grpc_stream")},
     }
-    path = write_results("budget", figures)
-    print(f"{'':66} {'per second':>11} {'p50 ms':>8} {'p99 ms':>8} {'late':>6}")
-    floor = phases["closed_grpc_transport_floor"]["authorize"]
-    label = "closed gRPC health check (transport floor, no work)"
-    print(f"{label:66} {floor['per_second']:>11,.0f} {floor['p50_ms']:>8.3f} {floor['p99_ms']:>8.3f}")
+    complete = not PHASES and not SIDES_RUN
+    if complete:
+        figures["meets_targets"] = {side: _meets(phases, side) for side in ("grpc", "grpc_stream")}
+    # A partial run (BENCH_BUDGET_PHASES / _SIDES) keeps the full run's figures file as it is.
+    path = write_results("budget" if complete else "budget-partial", figures)
+    cpu_names = ["load", *sorted(watch)]
+    cpu_head = " ".join(f"{name + ' us':>10}" for name in cpu_names)
+    print(f"{'':66} {'per second':>11} {'p50 ms':>8} {'p99 ms':>8} {'late':>6} {cpu_head}")
+
+    def cpu_cells(figure: dict[str, Any]) -> str:
+        return " ".join(f"{figure['cpu_us_per_call'].get(name, float('nan')):>10.1f}" for name in cpu_names)
+
+    if "closed_grpc_transport_floor" in phases:
+        floor = phases["closed_grpc_transport_floor"]
+        row = floor["authorize"]
+        label = "closed gRPC health check (transport floor, no work)"
+        print(
+            f"{label:66} {row['per_second']:>11,.0f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {'':>6} "
+            f"{cpu_cells(floor)}"
+        )
     for name, phase in phases.items():
-        if "grpc" not in phase:
+        if name == "closed_grpc_transport_floor":
             continue
         for side in ("grpc", "grpc_stream", "baseline_redis_evalsha"):
+            if side not in phase:
+                continue
             for part in ("authorize", "authorize_plus_settle"):
                 if name == "closed_authorize_only" and part == "authorize_plus_settle":
                     continue
                 row = phase[side][part]
                 label = f"{name} {SIDES[side]} {part}"
                 late = phase[side]["late_starts"] if name.startswith("open") else ""
-                print(f"{label:66} {row['per_second']:>11,.0f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {late:>6}")
+                cells = (
+                    cpu_cells(phase[side]) if part == "authorize_plus_settle" or name == "closed_authorize_only" else ""
+                )
+                print(
+                    f"{label:66} {row['per_second']:>11,.0f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {late:>6} "
+                    f"{cells}"
+                )
     print(
         f"{CALLERS} concurrent callers in a separate process, {SECONDS:g}s per phase, open loop offered "
-        f"{RATE:,.0f} and {LOW_RATE:,.0f} pairs/s; gRPC errors: {errors}"
+        f"{RATE:,.0f} and {LOW_RATE:,.0f} pairs/s; gRPC errors: {errors}; CPU us per call (pair) of the "
+        f"load generator, the budget service and Redis during the measured part"
     )
-    met = figures["meets_targets"]
-    print(f"targets: p50 <= 1 ms, p99 <= 3 ms (at the target rate), >= 5,000/s (closed loop) -> {met}")
+    if complete:
+        met = figures["meets_targets"]
+        print(f"targets: p50 <= 1 ms, p99 <= 3 ms (at the target rate), >= 5,000/s (closed loop) -> {met}")
     print(f"results: {path}")
 
 

@@ -34,6 +34,16 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by process `pid`; NaN once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds_by_group(groups: dict[str, int]) -> dict[str, float]:
     """CPU seconds used so far by each named pid, plus all `postgres` and `redis-server` processes."""
     ticks = os.sysconf("SC_CLK_TCK")

@@ -4,10 +4,12 @@ engine) and the resources and background tasks it uses."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -226,15 +228,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def Authorize(
         self, request: budget_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> budget_pb2.AuthorizeResponse:
-        key_id = _key_id(request.key_id)
-        request_id = request.request_id
-        estimate = request.estimated_cost_micros
-        if not request_id or len(request_id) > MAX_REQUEST_ID or estimate < 0:
-            violations = Violations()
-            _request_id(request_id, "requestId", violations)
-            if estimate < 0:
-                violations.add("estimatedCostMicros", "must not be negative")
-            violations.raise_if_any()
+        key_id, request_id, estimate = _authorize_arguments(request)
         try:
             result, key_call, global_call = await self._engine.authorize(key_id, request_id, estimate)
         except StoreUnavailable as exc:
@@ -393,53 +387,19 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def StreamRequestPath(
         self, request_iterator: AsyncIterator[budget_pb2.StreamRequestPathRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[budget_pb2.StreamRequestPathResponse]:
-        """Answers each call as soon as it is decided: calls are run concurrently (so calls in
-        flight on many streams are batched into the same Redis round trips, as unary calls are),
-        the answers ready together go out in one message, and a call's error is sent as its
-        answer instead of ending the stream."""
-        answers: asyncio.Queue[budget_pb2.RequestPathAnswer | None] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
-        # Calls read but not yet answered to the client: reading stops at the bound (flow control
-        # pushes back on a client that sends without reading its answers).
-        window = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
-
-        async def answer(call: budget_pb2.RequestPathCall) -> None:
-            answers.put_nowait(await self._stream_call(call, context))
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    for call in message.calls:
-                        await window.acquire()
-                        task = asyncio.create_task(answer(call))
-                        running.add(task)
-                        task.add_done_callback(running.discard)
-                while running:
-                    await asyncio.wait(list(running))
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
+        """Answers each call as soon as it is decided (see `_RequestPathStream`): calls in flight on
+        many streams are batched into the same Redis round trips, as unary calls are, the answers
+        ready together go out in one message, and a call's error is sent as its answer instead of
+        ending the stream."""
+        stream = _RequestPathStream(self, context)
+        reader = asyncio.create_task(stream.read(request_iterator))
         try:
-            finished = False
-            while not finished:
-                ready = await answers.get()
-                reply = budget_pb2.StreamRequestPathResponse()
-                while ready is not None:
-                    reply.answers.append(ready)
-                    if answers.empty() or len(reply.answers) >= STREAM_MAX_ANSWERS_PER_MESSAGE:
-                        break
-                    ready = answers.get_nowait()
-                finished = ready is None
-                if reply.answers:
-                    yield reply
-                    for _ in reply.answers:
-                        window.release()
+            async for reply in stream.replies():
+                yield reply
             await reader  # re-raises a failure to read the stream
         finally:
             reader.cancel()
-            for task in list(running):
-                task.cancel()
+            stream.cancel()
 
     async def _stream_call(
         self, call: budget_pb2.RequestPathCall, context: grpc.aio.ServicerContext
@@ -701,6 +661,268 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             raise InvalidArgument.field("reason", f"must be at most {MAX_REASON} characters")
         reason = request.reason.strip() or "disabled by an admin"
         return budget_pb2.DisableVirtualKeyResponse(success=True, data=await self._set_enabled(key_id, False, reason))
+
+
+def _authorize_arguments(request: budget_pb2.AuthorizeRequest) -> tuple[str, str, int]:
+    """(canonical key id, request id, estimate) of an Authorize, or InvalidArgument naming the fields."""
+    key_id = _key_id(request.key_id)
+    request_id = request.request_id
+    estimate = request.estimated_cost_micros
+    if not request_id or len(request_id) > MAX_REQUEST_ID or estimate < 0:
+        violations = Violations()
+        _request_id(request_id, "requestId", violations)
+        if estimate < 0:
+            violations.add("estimatedCostMicros", "must not be negative")
+        violations.raise_if_any()
+    return key_id, request_id, estimate
+
+
+_STREAM_METHOD = "/tally.budget.v1.BudgetService/StreamRequestPath"
+
+
+def _fill_remaining(
+    message: budget_pb2.ScopeRemaining,
+    scope: str,
+    call: ScopeCall,
+    limit: int,
+    committed: int,
+    engine: BudgetEngine,
+    now: datetime,
+) -> None:
+    """`_remaining`, written in place (into a message of the answer being built)."""
+    message.scope = scope
+    if limit < 0:
+        message.unlimited = True
+    else:
+        message.limit_micros = limit
+        message.remaining_micros = limit - committed
+    message.committed_micros = committed
+    message.period_start.CopyFrom(_stamp(engine.period(call.config, now).start))
+
+
+class _RequestPathStream:
+    """One StreamRequestPath stream, with no task or future per call: an Authorize or a Settle
+    (naming its key) goes to the engine's callback form and is answered from the Redis batch's
+    reply, written in place into the next outgoing message. A Release, a Settle naming no key and
+    an invalid call run through the unary handlers in a task of their own.
+
+    Flow control: at most STREAM_MAX_IN_FLIGHT calls read and not yet answered to the client;
+    reading stops at the bound (the transport pushes back on a client that sends without reading
+    its answers). The answers ready while a message is being written go out in the next one (at
+    most STREAM_MAX_ANSWERS_PER_MESSAGE each)."""
+
+    def __init__(self, servicer: BudgetServicer, grpc_context: grpc.aio.ServicerContext) -> None:
+        self._servicer = servicer
+        self._engine = servicer._engine
+        self._grpc_context = grpc_context
+        # The stream's context (correlation id): failures decided in a batch's callback log in it.
+        self._context = contextvars.copy_context()
+        self._loop = asyncio.get_running_loop()
+        self._ready: deque[budget_pb2.StreamRequestPathResponse] = deque()
+        self._unanswered = 0  # calls read whose answer is not built yet
+        self._unsent = 0  # calls read whose answer has not been written yet (the window)
+        self._reading = True
+        self._read_failed = False
+        self._writer: asyncio.Future[None] | None = None
+        self._window: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ reading and dispatch
+    async def read(self, request_iterator: AsyncIterator[budget_pb2.StreamRequestPathRequest]) -> None:
+        try:
+            async for message in request_iterator:
+                now = datetime.now(UTC)
+                for call in message.calls:
+                    while self._unsent >= STREAM_MAX_IN_FLIGHT:
+                        self._window = self._loop.create_future()
+                        await self._window
+                        now = datetime.now(UTC)
+                    self._unsent += 1
+                    self._unanswered += 1
+                    self._dispatch(call, now)
+        except BaseException:
+            self._read_failed = True
+            raise
+        finally:
+            self._reading = False
+            self._wake_writer()
+
+    def _dispatch(self, call: budget_pb2.RequestPathCall, now: datetime) -> None:
+        kind = call.WhichOneof("call")
+        call_id = call.call_id
+        if kind == "authorize":
+            try:
+                key_id, request_id, estimate = _authorize_arguments(call.authorize)
+            except Exception as exc:
+                self._error(call_id, exc)
+                return
+            waiter = _AuthorizeAnswer(self, call_id, key_id, request_id)
+            self._engine.authorize_soon(key_id, request_id, estimate, waiter, now)
+            return
+        if kind == "settle":
+            try:
+                (item,) = self._servicer._settle_items([call.settle], "")
+            except Exception as exc:
+                self._error(call_id, exc)
+                return
+            if item.key_id:
+                self._engine.settle_soon(item, _SettleAnswer(self, call_id, item), now)
+                return
+        # A Release, a Settle that needs its reservation's key id, or no call at all.
+        task = asyncio.create_task(self._unary(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unary(self, call: budget_pb2.RequestPathCall) -> None:
+        answer = await self._servicer._stream_call(call, self._grpc_context)
+        self.answer(call.call_id).MergeFrom(answer)
+
+    # ------------------------------------------------------------------ answers
+    def answer(self, call_id: int) -> budget_pb2.RequestPathAnswer:
+        """A new answer to `call_id` in the next outgoing message: fill it in before yielding to
+        the event loop."""
+        ready = self._ready
+        if not ready or len(ready[-1].answers) >= STREAM_MAX_ANSWERS_PER_MESSAGE:
+            ready.append(budget_pb2.StreamRequestPathResponse())
+        answer = ready[-1].answers.add()
+        answer.call_id = call_id
+        self._unanswered -= 1
+        self._wake_writer()
+        return answer
+
+    def _error(self, call_id: int, exc: BaseException) -> None:
+        self.answer(call_id).error.CopyFrom(caller_error(exc, _STREAM_METHOD).to_status())
+
+    def replace_with_error(self, answer: budget_pb2.RequestPathAnswer, exc: BaseException) -> None:
+        """An answer that could not be built becomes the error (logged, as any unexpected one)."""
+        call_id = answer.call_id
+        answer.Clear()
+        answer.call_id = call_id
+        self.in_context(lambda: answer.error.CopyFrom(caller_error(exc, _STREAM_METHOD).to_status()))
+
+    def in_context(self, step: Callable[[], None]) -> None:
+        """Runs `step` (a failure's answer, which may log) in the stream's context."""
+        self._context.run(step)
+
+    def _wake_writer(self) -> None:
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.set_result(None)
+
+    async def replies(self) -> AsyncIterator[budget_pb2.StreamRequestPathResponse]:
+        """The messages to write, until the client is done writing and every call is answered
+        (or reading failed)."""
+        ready = self._ready
+        while True:
+            if ready:
+                reply = ready.popleft()
+                yield reply
+                self._unsent -= len(reply.answers)
+                window = self._window
+                if window is not None and not window.done() and self._unsent < STREAM_MAX_IN_FLIGHT:
+                    window.set_result(None)
+                continue
+            if not self._reading and (self._unanswered <= 0 or self._read_failed):
+                return
+            self._writer = self._loop.create_future()
+            await self._writer
+            self._writer = None
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+class _AuthorizeAnswer:
+    """Answers one Authorize of a request-path stream from the engine's decision."""
+
+    __slots__ = ("call_id", "key_id", "request_id", "stream")
+
+    def __init__(self, stream: _RequestPathStream, call_id: int, key_id: str, request_id: str) -> None:
+        self.stream = stream
+        self.call_id = call_id
+        self.key_id = key_id
+        self.request_id = request_id
+
+    def authorized(self, result: AuthorizeResult, key_call: ScopeCall, global_call: ScopeCall) -> None:
+        stream = self.stream
+        if result.reason:
+            self.failed(stream._servicer._denial(self.key_id, result))
+            return
+        _decided("replayed" if result.replayed else "allowed")
+        answer = stream.answer(self.call_id)
+        try:
+            engine = stream._engine
+            now = datetime.now(UTC)
+            response = answer.authorize
+            response.allowed = True
+            if result.replayed:
+                response.replayed = True
+            key = response.remaining.add()
+            _fill_remaining(key, key_scope(self.key_id), key_call, result.key_limit, result.key_committed, engine, now)
+            glob = response.remaining.add()
+            _fill_remaining(glob, GLOBAL_SCOPE, global_call, result.global_limit, result.global_committed, engine, now)
+            if result.expires_ms:
+                response.expires_at.FromMilliseconds(result.expires_ms)
+        except Exception as exc:
+            stream.replace_with_error(answer, exc)
+
+    def failed(self, error: BaseException) -> None:
+        self.stream.in_context(lambda: self._failed(error))
+
+    def _failed(self, error: BaseException) -> None:
+        stream = self.stream
+        if isinstance(error, StoreUnavailable):
+            try:
+                response = stream._servicer._failure_policy(self.key_id, self.request_id, error)
+            except Exception as denial:
+                stream._error(self.call_id, denial)
+            else:
+                stream.answer(self.call_id).authorize.CopyFrom(response)
+            return
+        stream._error(self.call_id, error)
+
+
+class _SettleAnswer:
+    """Answers one Settle of a request-path stream from the engine's outcome."""
+
+    __slots__ = ("call_id", "item", "stream")
+
+    def __init__(self, stream: _RequestPathStream, call_id: int, item: SettleItem) -> None:
+        self.stream = stream
+        self.call_id = call_id
+        self.item = item
+
+    def settled(self, outcome: SettleOutcome) -> None:
+        stream = self.stream
+        answer = stream.answer(self.call_id)
+        try:
+            engine = stream._engine
+            now = datetime.now(UTC)
+            key_call, key_limit, key_spent, key_reserved = outcome.key
+            global_call, global_limit, global_spent, global_reserved = outcome.global_
+            response = answer.settle
+            if outcome.already_settled:
+                response.already_settled = True
+            if outcome.overspend:
+                response.overspend_micros = outcome.overspend
+            key = response.remaining.add()
+            _fill_remaining(
+                key, key_scope(self.item.key_id), key_call, key_limit, key_spent + key_reserved, engine, now
+            )
+            glob = response.remaining.add()
+            global_committed = global_spent + global_reserved
+            _fill_remaining(glob, GLOBAL_SCOPE, global_call, global_limit, global_committed, engine, now)
+        except Exception as exc:
+            stream.replace_with_error(answer, exc)
+
+    def failed(self, error: BaseException) -> None:
+        self.stream.in_context(lambda: self._failed(error))
+
+    def _failed(self, error: BaseException) -> None:
+        if isinstance(error, StoreUnavailable):
+            error = BudgetServicer._settle_unavailable("settle", error)
+        self.stream._error(self.call_id, error)
 
 
 async def build(resources: Resources) -> Sequence[Registration]:

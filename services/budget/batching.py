@@ -10,17 +10,36 @@ in the client and in Redis.
 Each call keeps its own deadline: the caller waits for its own result with its own timeout; the
 batch's Redis call is bounded by the latest deadline in it, so a stuck Redis fails every caller
 at its deadline and the batch itself never outlives them.
+
+A call is answered through its sink: an asyncio future (`submit`: the caller awaits it), or any
+object with the same three methods (`submit_to`: the request-path stream decides its calls in
+plain callbacks run straight from the batch's answer, with no task or future per call). A sink
+that is `done()` before its batch leaves is not sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 E = TypeVar("E")
 R = TypeVar("R")
+R_contra = TypeVar("R_contra", contravariant=True)
+
+log = logging.getLogger("tally.budget")
+
+
+class Sink(Protocol[R_contra]):
+    """Where one entry's answer goes (an asyncio.Future is one)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: R_contra, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 class Coalescer(Generic[E, R]):
@@ -42,7 +61,7 @@ class Coalescer(Generic[E, R]):
         self._failure = failure
         self._observe = observe
         self._entries: list[E] = []
-        self._futures: list[asyncio.Future[R]] = []
+        self._futures: list[Sink[R]] = []
         self._deadline = 0.0
         self._scheduled = False
         # Batches run outside any one caller's context (correlation id, deadline).
@@ -54,7 +73,7 @@ class Coalescer(Generic[E, R]):
     def submit(self, entries: Sequence[E], deadline: float) -> list[asyncio.Future[R]]:
         """Queues `entries` (answered by `deadline`, on the loop's clock) for the next flush."""
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in entries]
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in entries]
         self._entries.extend(entries)
         self._futures.extend(futures)
         if deadline > self._deadline:
@@ -63,6 +82,16 @@ class Coalescer(Generic[E, R]):
             self._scheduled = True
             loop.call_soon(self._flush, context=self._context)
         return futures
+
+    def submit_to(self, entry: E, sink: Sink[R], deadline: float) -> None:
+        """Queues one entry whose answer (or failure) goes to `sink`, from the batch's own task."""
+        self._entries.append(entry)
+        self._futures.append(sink)
+        if deadline > self._deadline:
+            self._deadline = deadline
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, context=self._context)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -91,7 +120,7 @@ class Coalescer(Generic[E, R]):
         if self._entries and not self._scheduled:
             self._flush()
 
-    async def _send(self, entries: Sequence[E], futures: list[asyncio.Future[R]], deadline: float) -> None:
+    async def _send(self, entries: Sequence[E], futures: list[Sink[R]], deadline: float) -> None:
         self.batches += 1
         self.entries += len(entries)
         if self._observe is not None:
@@ -104,10 +133,16 @@ class Coalescer(Generic[E, R]):
         except BaseException as exc:  # every caller must hear of any failure
             for future in futures:
                 if not future.done():
-                    future.set_exception(self._failure(exc))
+                    try:
+                        future.set_exception(self._failure(exc))
+                    except Exception:  # a sink's own failure must not keep the others unanswered
+                        log.exception("a batch's failure could not be delivered to one of its callers")
             if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
             return
         for future, result in zip(futures, results, strict=False):
             if not future.done():
-                future.set_result(result)
+                try:
+                    future.set_result(result)
+                except Exception:
+                    log.exception("a batch's answer could not be delivered to one of its callers")

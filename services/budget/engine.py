@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import redis.exceptions
@@ -57,6 +57,9 @@ _RECONCILE_CHUNK = 200
 _REBUILD_LOG_MS = 120_000
 # Most concurrent authorizations decided by one script run.
 AUTHORIZE_BATCH = 256
+# Most Authorize and Settle entries per request-path batch (one pipeline: AUTHORIZE_BATCH per
+# AUTHORIZE run, SETTLE_CHUNK per SETTLE run).
+REQUEST_BATCH = 1024
 # Most settlements per script run: a script blocks every other Redis client while it runs
 # (10-20 us per settlement measured on the 2-core machine), so a large SettleBatch runs as
 # chunks of this size (1-2 ms each), all sent in one pipeline: one round trip.
@@ -151,6 +154,159 @@ class ScopeView:
     reserved: int
 
 
+class AuthorizeWaiter(Protocol):
+    """Hears one `BudgetEngine.authorize_soon` call's answer, exactly once."""
+
+    def authorized(self, result: AuthorizeResult, key_call: ScopeCall, global_call: ScopeCall) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
+
+
+class SettleWaiter(Protocol):
+    """Hears one `BudgetEngine.settle_soon` call's answer, exactly once."""
+
+    def settled(self, outcome: SettleOutcome) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
+
+
+RequestEntry = AuthorizeEntry | SettleEntry
+RequestResult = AuthorizeResult | SettleResult
+_CHANGING = "the budget configuration kept changing during the call; retry"
+_ATTEMPTS = 4
+
+
+class _AuthorizeCall:
+    """One `authorize_soon` call: the coalescer's sink for its entry, so its answer is decided in
+    a plain call from the batch's Redis reply; the rare retries (counters not loaded, a changed
+    budget period) resubmit it, as `authorize`'s loop does."""
+
+    __slots__ = ("attempt", "engine", "estimate", "global_call", "key_call", "key_id", "now", "request_id", "waiter")
+
+    def __init__(
+        self, engine: BudgetEngine, key_id: str, request_id: str, estimate: int, waiter: AuthorizeWaiter, now: datetime
+    ) -> None:
+        self.engine = engine
+        self.key_id = key_id
+        self.request_id = request_id
+        self.estimate = estimate
+        self.waiter = waiter
+        self.now = now
+        self.attempt = 0
+
+    def submit(self) -> None:
+        engine = self.engine
+        scope = key_scope(self.key_id)
+        try:
+            self.key_call = key_call = engine.call(scope, engine._cached(scope), self.now)
+            self.global_call = global_call = engine.call(GLOBAL_SCOPE, engine._cached(GLOBAL_SCOPE), self.now)
+            deadline = engine._deadline()
+        except Exception as exc:
+            self.waiter.failed(exc)
+            return
+        entry = AuthorizeEntry(self.request_id, self.key_id, self.estimate, key_call, global_call)
+        engine._requests.submit_to(entry, self, deadline)
+
+    def done(self) -> bool:
+        return False
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.waiter.failed(exception)
+
+    def set_result(self, result: RequestResult, /) -> None:
+        try:
+            self._decided(result)
+        except Exception as exc:  # the call is answered whatever happens
+            self.waiter.failed(exc)
+
+    def _decided(self, result: RequestResult) -> None:
+        if type(result) is not AuthorizeResult:
+            raise TypeError(f"an authorization was answered with {result!r}")
+        if result.outcome is Outcome.NOT_LOADED or result.stale is not None:
+            self.attempt += 1
+            if self.attempt >= _ATTEMPTS:
+                self.waiter.failed(Unavailable(_CHANGING))
+            elif result.stale is not None:
+                self.engine._remember(key_scope(self.key_id), result.stale[0])
+                self.engine._remember(GLOBAL_SCOPE, result.stale[1])
+                self.submit()
+            else:
+                self.engine._spawn(self.engine._reload_then(self.submit, self.waiter))
+            return
+        self.waiter.authorized(result, self.key_call, self.global_call)
+
+
+class _SettleCall:
+    """One `settle_soon` call (see `_AuthorizeCall`); thresholds are evaluated before it is
+    answered, in a task only when one may fire."""
+
+    __slots__ = ("attempt", "calls", "engine", "item", "now", "waiter")
+
+    def __init__(self, engine: BudgetEngine, item: SettleItem, waiter: SettleWaiter, now: datetime) -> None:
+        self.engine = engine
+        self.item = item
+        self.waiter = waiter
+        self.now = now
+        self.attempt = 0
+
+    def submit(self) -> None:
+        engine = self.engine
+        try:
+            entry, self.calls = engine._settle_entry(self.item, self.now)
+            deadline = engine._deadline()
+        except Exception as exc:
+            self.waiter.failed(exc)
+            return
+        engine._requests.submit_to(entry, self, deadline)
+
+    def done(self) -> bool:
+        return False
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.waiter.failed(exception)
+
+    def set_result(self, result: RequestResult, /) -> None:
+        try:
+            self._decided(result)
+        except Exception as exc:  # the call is answered whatever happens
+            self.waiter.failed(exc)
+
+    def _decided(self, result: RequestResult) -> None:
+        if type(result) is not SettleResult:
+            raise TypeError(f"a settlement was answered with {result!r}")
+        engine = self.engine
+        if result.outcome is Outcome.NOT_LOADED or result.stale is not None:
+            self.attempt += 1
+            if self.attempt >= _ATTEMPTS:
+                self.waiter.failed(Unavailable(_CHANGING))
+            elif result.stale is not None:
+                engine._remember(key_scope(self.item.key_id), result.stale[0])
+                engine._remember(GLOBAL_SCOPE, result.stale[1])
+                self.submit()
+            else:
+                engine._spawn(engine._reload_then(self.submit, self.waiter))
+            return
+        outcome = engine._settled(self.item, self.calls, result)
+        if result.overspend:
+            if result.reserved:
+                _report_overspend(0, 1, result.overspend, self.item.request_id)
+            else:
+                _report_overspend(result.overspend, 0, 0, "")
+        spends = engine._spends((self.item,), (outcome,))
+        if any(engine.evaluator.may_fire(spend) for spend in spends):
+            engine._spawn(self._evaluate_then_answer(spends, outcome))
+        else:
+            self.waiter.settled(outcome)
+
+    async def _evaluate_then_answer(self, spends: Iterable[ScopeSpend], outcome: SettleOutcome) -> None:
+        try:
+            await self.engine._evaluate(spends)
+        except BaseException as exc:
+            self.waiter.failed(exc)
+            raise
+        self.waiter.settled(outcome)
+
+
 class BudgetEngine:
     def __init__(
         self,
@@ -176,18 +332,14 @@ class BudgetEngine:
         self._retention = settings.budget_counter_retention_seconds
         self._reconcile_lock = asyncio.Lock()
         self._reconcile_task: asyncio.Task[tuple[int, int]] | None = None
-        self._authorizer: Coalescer[AuthorizeEntry, AuthorizeResult] = Coalescer(
-            self._authorize_batch,
-            max_batch=AUTHORIZE_BATCH,
-            failure=_unavailable,
-            observe=metrics.BATCH_ITEMS.labels("authorize").observe,
+        self._background: set[asyncio.Task[None]] = set()  # the rare slow steps of *_soon calls
+        # Authorize and Settle calls made while a batch is out go together in the next one: one
+        # Redis round trip for both kinds.
+        self._requests: Coalescer[RequestEntry, RequestResult] = Coalescer(
+            self._request_batch, max_batch=REQUEST_BATCH, failure=_unavailable
         )
-        self._settler: Coalescer[SettleEntry, SettleResult] = Coalescer(
-            self._settle_batch,
-            max_batch=1_000_000,
-            failure=_unavailable,
-            observe=metrics.BATCH_ITEMS.labels("settle").observe,
-        )
+        self._observe_authorize = metrics.BATCH_ITEMS.labels("authorize").observe
+        self._observe_settle = metrics.BATCH_ITEMS.labels("settle").observe
 
     # ------------------------------------------------------------------ periods and keys
     def zone(self, name: str) -> ZoneInfo:
@@ -258,13 +410,29 @@ class BudgetEngine:
             raise StoreUnavailable("no time left before the caller's deadline")
         return asyncio.get_running_loop().time() + timeout
 
-    async def _authorize_batch(self, entries: Sequence[AuthorizeEntry]) -> list[AuthorizeResult]:
-        return await self.store.authorize_many(
-            entries, ttl_ms=self._ttl_ms, record_ttl_ms=self._ttl_ms + self._settled_ttl_ms
+    async def _request_batch(self, entries: Sequence[RequestEntry]) -> list[RequestResult]:
+        """Decides a batch of concurrent Authorize and Settle entries in one round trip."""
+        authorize = [entry for entry in entries if type(entry) is AuthorizeEntry]
+        settle = [entry for entry in entries if type(entry) is SettleEntry]
+        if authorize:
+            self._observe_authorize(len(authorize))
+        if settle:
+            self._observe_settle(len(settle))
+        authorized, settled = await self.store.request_path_many(
+            authorize,
+            settle,
+            ttl_ms=self._ttl_ms,
+            record_ttl_ms=self._ttl_ms + self._settled_ttl_ms,
+            settled_ttl_ms=self._settled_ttl_ms,
+            authorize_chunk=AUTHORIZE_BATCH,
+            settle_chunk=SETTLE_CHUNK,
         )
-
-    async def _settle_batch(self, entries: Sequence[SettleEntry]) -> list[SettleResult]:
-        return await self.store.settle_many(entries, settled_ttl_ms=self._settled_ttl_ms, chunk=SETTLE_CHUNK)
+        if not settle:
+            return list(authorized)
+        if not authorize:
+            return list(settled)
+        authorize_results, settle_results = iter(authorized), iter(settled)
+        return [next(authorize_results) if type(entry) is AuthorizeEntry else next(settle_results) for entry in entries]
 
     async def authorize(
         self, key_id: str, request_id: str, estimate: int
@@ -277,7 +445,7 @@ class BudgetEngine:
             key_call = self.call(scope, self._cached(scope), now)
             global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), now)
             deadline = self._deadline()
-            (future,) = self._authorizer.submit(
+            (future,) = self._requests.submit(
                 [AuthorizeEntry(request_id, key_id, estimate, key_call, global_call)], deadline
             )
             try:
@@ -285,6 +453,7 @@ class BudgetEngine:
                     result = await future
             except TimeoutError as exc:
                 raise StoreUnavailable("redis did not answer before the deadline") from exc
+            assert isinstance(result, AuthorizeResult)
             if result.outcome is Outcome.NOT_LOADED:
                 await self.ensure_loaded()
                 continue
@@ -295,11 +464,37 @@ class BudgetEngine:
             return result, key_call, global_call
         raise Unavailable("the budget configuration kept changing during the call; retry")
 
-    async def settle(self, items: Sequence[SettleItem]) -> list[SettleOutcome]:
-        """Settles every item (idempotent per request id) with a constant number of Redis round
-        trips, then evaluates the thresholds of the scopes whose settled spend moved."""
-        items = await self._with_key_ids(items)
-        outcomes = await self._settle_items(items)
+    def authorize_soon(
+        self, key_id: str, request_id: str, estimate: int, waiter: AuthorizeWaiter, now: datetime | None = None
+    ) -> None:
+        """`authorize` for the request-path stream: the same decision (and retries), told to
+        `waiter` straight from the batch's Redis answer instead of to an awaiting coroutine (no
+        task, future or timer per call). Never raises: every failure goes to `waiter.failed`."""
+        _AuthorizeCall(self, key_id, request_id, estimate, waiter, now or datetime.now(UTC)).submit()
+
+    def settle_soon(self, item: SettleItem, waiter: SettleWaiter, now: datetime | None = None) -> None:
+        """`settle` of one item that names its key (see `authorize_soon`)."""
+        if not item.key_id:
+            waiter.failed(ValueError("settle_soon needs the item's key id"))
+            return
+        _SettleCall(self, item, waiter, now or datetime.now(UTC)).submit()
+
+    def _spawn(self, step: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(step)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload_then(self, submit: Callable[[], None], waiter: AuthorizeWaiter | SettleWaiter) -> None:
+        """Waits for the counters to be rebuilt (after a FLUSHALL), then submits the call again."""
+        try:
+            await self.ensure_loaded()
+        except Exception as exc:
+            waiter.failed(exc)
+            return
+        submit()
+
+    def _spends(self, items: Iterable[SettleItem], outcomes: Iterable[SettleOutcome]) -> list[ScopeSpend]:
+        """The settled spend of each budgeted counter the settlements moved (the highest seen)."""
         spends: dict[tuple[str, str], ScopeSpend] = {}
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome.already_settled:
@@ -320,7 +515,14 @@ class BudgetEngine:
                         spent=spent,
                         limit=limit,
                     )
-        await self._evaluate(spends.values())
+        return list(spends.values())
+
+    async def settle(self, items: Sequence[SettleItem]) -> list[SettleOutcome]:
+        """Settles every item (idempotent per request id) with a constant number of Redis round
+        trips, then evaluates the thresholds of the scopes whose settled spend moved."""
+        items = await self._with_key_ids(items)
+        outcomes = await self._settle_items(items)
+        await self._evaluate(self._spends(items, outcomes))
         return outcomes
 
     async def settle_batch(self, items: Sequence[SettleItem]) -> SpendResult:
@@ -500,6 +702,37 @@ class BudgetEngine:
             )
         return filled
 
+    def _settle_entry(self, item: SettleItem, now: datetime) -> tuple[SettleEntry, tuple[ScopeCall, ScopeCall]]:
+        """An item's script entry, and its key and global scope calls."""
+        at = item.event_time or now
+        scope = key_scope(item.key_id)
+        key_call = self.call(scope, self._cached(scope), at)
+        global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), at)
+        global_period = self.period(global_call.config, at)
+        entry = SettleEntry(
+            item.request_id,
+            item.key_id,
+            item.actual,
+            key_call,
+            global_call,
+            provider_key(global_period, global_call.config.tz),
+            item.provider or "unknown",
+            item.transaction_id,
+        )
+        return entry, (key_call, global_call)
+
+    @staticmethod
+    def _settled(item: SettleItem, calls: tuple[ScopeCall, ScopeCall], result: SettleResult) -> SettleOutcome:
+        """The outcome of an item the script settled (or found settled before)."""
+        assert result.key is not None and result.global_ is not None
+        key_call, global_call = calls
+        return SettleOutcome(
+            already_settled=result.already_settled,
+            overspend=result.overspend,
+            key=(key_call, result.key.limit, result.key.spent, result.key.reserved),
+            global_=(global_call, result.global_.limit, result.global_.spent, result.global_.reserved),
+        )
+
     async def _settle_items(self, items: Sequence[SettleItem]) -> list[SettleOutcome]:
         outcomes: list[SettleOutcome | None] = [None] * len(items)
         todo = list(range(len(items)))
@@ -508,34 +741,19 @@ class BudgetEngine:
             calls: list[tuple[ScopeCall, ScopeCall]] = []
             entries: list[SettleEntry] = []
             for index in todo:
-                item = items[index]
-                at = item.event_time or now
-                scope = key_scope(item.key_id)
-                key_call = self.call(scope, self._cached(scope), at)
-                global_call = self.call(GLOBAL_SCOPE, self._cached(GLOBAL_SCOPE), at)
-                global_period = self.period(global_call.config, at)
-                calls.append((key_call, global_call))
-                entries.append(
-                    SettleEntry(
-                        item.request_id,
-                        item.key_id,
-                        item.actual,
-                        key_call,
-                        global_call,
-                        provider_key(global_period, global_call.config.tz),
-                        item.provider or "unknown",
-                        item.transaction_id,
-                    )
-                )
+                entry, scope_calls = self._settle_entry(items[index], now)
+                calls.append(scope_calls)
+                entries.append(entry)
             # Each chunk is one Redis call: the Redis wait allowed grows with them (still bounded
             # by the caller's deadline).
             deadline = self._deadline(chunks=-(-len(entries) // SETTLE_CHUNK))
-            futures = self._settler.submit(entries, deadline)
+            futures = self._requests.submit(entries, deadline)
             try:
                 async with asyncio.timeout_at(deadline):
-                    results = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
+                    answers = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
             except TimeoutError as exc:
                 raise StoreUnavailable("redis did not answer before the deadline") from exc
+            results = [result for result in answers if isinstance(result, SettleResult)]
             retry: list[int] = []
             loaded = True
             # Settled above an open reservation: items, micro-units, the first request id.
@@ -551,7 +769,6 @@ class BudgetEngine:
                     self._remember(GLOBAL_SCOPE, result.stale[1])
                     retry.append(index)
                     continue
-                assert result.key is not None and result.global_ is not None
                 if result.overspend:
                     if result.reserved:
                         above_items += 1
@@ -559,12 +776,7 @@ class BudgetEngine:
                         above_first = above_first or items[index].request_id
                     else:
                         unreserved += result.overspend
-                outcomes[index] = SettleOutcome(
-                    already_settled=result.already_settled,
-                    overspend=result.overspend,
-                    key=(key_call, result.key.limit, result.key.spent, result.key.reserved),
-                    global_=(global_call, result.global_.limit, result.global_.spent, result.global_.reserved),
-                )
+                outcomes[index] = self._settled(items[index], (key_call, global_call), result)
             _report_overspend(unreserved, above_items, above_micros, above_first)
             if not retry:
                 return [outcome for outcome in outcomes if outcome is not None]

@@ -80,12 +80,12 @@ class Evaluator:
         self._config = config
         self._config_at = time.monotonic()
 
-    async def on_spend(self, spend: ScopeSpend) -> None:
-        """Fires every threshold the scope's settled spend has reached and that has not fired yet."""
-        if spend.limit <= 0:
-            return
+    @staticmethod
+    def _due(
+        spend: ScopeSpend, config: AlertConfig
+    ) -> list[tuple[str, float, Sequence[str], Sequence[str], Sequence[str], str, str]]:
+        """The alerts the scope's settled spend has reached (fired or not)."""
         ratio = spend.spent / spend.limit
-        config = await self.config()
         due: list[tuple[str, float, Sequence[str], Sequence[str], Sequence[str], str, str]] = []
         if spend.scope == GLOBAL_SCOPE:
             if config.global_enabled:
@@ -100,7 +100,28 @@ class Evaluator:
                     due.append(("threshold", threshold, config.key_actions_for(threshold), (), (), "", ""))
         if ratio >= 1:
             due.append(("exceeded", 1.0, (), (), (), "high", ""))
-        for kind, threshold, actions, recipients, channels, urgency, message in due:
+        return due
+
+    def may_fire(self, spend: ScopeSpend) -> bool:
+        """False when `on_spend(spend)` is known to do nothing now (the alert configuration is
+        cached and every alert the spend has reached has fired), without awaiting anything; True
+        when it may have work (or has to read the configuration first)."""
+        if spend.limit <= 0:
+            return False
+        config = self._config
+        if config is None or time.monotonic() - self._config_at > CONFIG_CACHE_SECONDS:
+            return True
+        start = spend.period.start_epoch
+        return any(
+            (spend.scope, start, kind, threshold) not in self._fired for kind, threshold, *_ in self._due(spend, config)
+        )
+
+    async def on_spend(self, spend: ScopeSpend) -> None:
+        """Fires every threshold the scope's settled spend has reached and that has not fired yet."""
+        if spend.limit <= 0:
+            return
+        config = await self.config()
+        for kind, threshold, actions, recipients, channels, urgency, message in self._due(spend, config):
             mark = (spend.scope, spend.period.start_epoch, kind, threshold)
             if mark in self._fired:
                 continue

@@ -276,6 +276,13 @@ def _authorize_result(reply: list[Any]) -> AuthorizeResult:
     return AuthorizeResult(Outcome.STALE, stale=_stale(reply))
 
 
+def _authorize_results(reply: list[Any], count: int) -> list[AuthorizeResult]:
+    """The results of an AUTHORIZE run of `count` items."""
+    if not int(reply[0]):
+        return [NOT_LOADED_AUTHORIZE] * count
+    return [_authorize_result(item) for item in reply[1:]]
+
+
 def _settle_result(reply: list[Any]) -> SettleResult:
     outcome = reply[0]
     if outcome == 3:
@@ -327,6 +334,13 @@ class BudgetStore:
     ) -> list[AuthorizeResult]:
         """Decides every entry in one script run (each atomically, in order); all NOT_LOADED
         after a FLUSHALL."""
+        keys, args = self._authorize_call(entries, ttl_ms, record_ttl_ms)
+        reply: list[Any] = await self._authorize(keys=keys, args=args)
+        return _authorize_results(reply, len(entries))
+
+    def _authorize_call(
+        self, entries: Sequence[AuthorizeEntry], ttl_ms: int, record_ttl_ms: int
+    ) -> tuple[list[str], list[Any]]:
         table = _KeyTable()
         items = [
             (
@@ -347,7 +361,7 @@ class BudgetStore:
             )
             for entry in entries
         ]
-        args = (
+        args = [
             self.default.period,
             self.default.tz,
             RESERVATION_PREFIX,
@@ -355,11 +369,74 @@ class BudgetStore:
             ttl_ms,
             record_ttl_ms,
             _json(items),
-        )
-        reply: list[Any] = await self._authorize(keys=table.keys, args=args)
-        if not int(reply[0]):
-            return [NOT_LOADED_AUTHORIZE] * len(entries)
-        return [_authorize_result(item) for item in reply[1:]]
+        ]
+        return table.keys, args
+
+    async def request_path_many(
+        self,
+        authorize: Sequence[AuthorizeEntry],
+        settle: Sequence[SettleEntry],
+        *,
+        ttl_ms: int,
+        record_ttl_ms: int,
+        settled_ttl_ms: int,
+        authorize_chunk: int,
+        settle_chunk: int,
+    ) -> tuple[list[AuthorizeResult], list[SettleResult]]:
+        """Authorizes and settles concurrent request-path calls in one round trip: one AUTHORIZE
+        run per `authorize_chunk` entries and one SETTLE run per `settle_chunk`, all in one
+        pipeline (a lone run is sent as itself). Each entry is decided atomically, as
+        `authorize_many` and `settle_many` decide it."""
+        calls: list[tuple[AsyncScript, list[str], list[Any]]] = []
+        for start in range(0, len(authorize), authorize_chunk):
+            keys, args = self._authorize_call(authorize[start : start + authorize_chunk], ttl_ms, record_ttl_ms)
+            calls.append((self._authorize, keys, args))
+        for start in range(0, len(settle), settle_chunk):
+            keys, args = self._settle_call(settle[start : start + settle_chunk], settled_ttl_ms)
+            calls.append((self._settle, keys, args))
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            replies: list[Any] = [await script(keys=keys, args=args)]
+        else:
+            replies = await self._pipelined_scripts(calls)
+        authorized: list[AuthorizeResult] = []
+        settled: list[SettleResult] = []
+        runs = iter(replies)
+        for start, reply in zip(range(0, len(authorize), authorize_chunk), runs, strict=False):
+            authorized += _authorize_results(reply, len(authorize[start : start + authorize_chunk]))
+        for start, reply in zip(range(0, len(settle), settle_chunk), runs, strict=False):
+            if not int(reply[0]):
+                settled += [NOT_LOADED_SETTLE] * len(settle[start : start + settle_chunk])
+            else:
+                settled += [_settle_result(item) for item in reply[1:]]
+        return authorized, settled
+
+    async def _pipelined_scripts(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        """Runs each (script, keys, args) in one pipeline (one round trip), in order; loads the
+        scripts a Redis without them refused (NOSCRIPT: those runs did not happen) and runs those
+        again."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index in todo:
+                    script, keys, args = calls[index]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+            missing = []
+            for index, answer in zip(todo, answers, strict=True):
+                if isinstance(answer, NoScriptError) and attempt == 0:
+                    missing.append(index)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    replies[index] = answer
+            if not missing:
+                break
+            for script in {id(calls[index][0]): calls[index][0] for index in missing}.values():
+                script.sha = await self.redis.script_load(script.script)
+            todo = missing
+        return replies
 
     async def authorize(
         self,

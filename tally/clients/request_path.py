@@ -72,8 +72,9 @@ class RequestPathClient:
         self._metadata = tuple(metadata)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[budget_pb2.RequestPathAnswer]] = {}
-        self._outbox: list[budget_pb2.RequestPathCall] = []
-        self._wake = asyncio.Event()
+        # The next message: calls are written into it in place as they are made.
+        self._outgoing = budget_pb2.StreamRequestPathRequest()
+        self._wake: asyncio.Future[None] | None = None  # the writer, waiting for calls
         self._stream: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._backoff = 0.0  # seconds; doubles with each stream that fails before answering
@@ -81,19 +82,36 @@ class RequestPathClient:
         self.streams_opened = 0
 
     async def authorize(self, key_id: str, request_id: str, estimated_cost_micros: int) -> budget_pb2.AuthorizeResponse:
-        request = budget_pb2.AuthorizeRequest(
-            key_id=key_id, request_id=request_id, estimated_cost_micros=estimated_cost_micros
-        )
-        answer = await self._call(budget_pb2.RequestPathCall(authorize=request))
+        call, future = self._new_call()
+        try:
+            request = call.authorize
+            request.key_id = key_id
+            request.request_id = request_id
+            request.estimated_cost_micros = estimated_cost_micros
+        except BaseException:
+            self._withdraw(call)
+            raise
+        answer = await self._answer(call.call_id, future)
         return answer.authorize
 
     async def settle(self, request: budget_pb2.SettleRequest) -> budget_pb2.SettleResponse:
-        answer = await self._call(budget_pb2.RequestPathCall(settle=request))
+        call, future = self._new_call()
+        try:
+            call.settle.CopyFrom(request)
+        except BaseException:
+            self._withdraw(call)
+            raise
+        answer = await self._answer(call.call_id, future)
         return answer.settle
 
     async def release(self, request_id: str) -> budget_pb2.ReleaseResponse:
-        request = budget_pb2.ReleaseRequest(request_id=request_id)
-        answer = await self._call(budget_pb2.RequestPathCall(release=request))
+        call, future = self._new_call()
+        try:
+            call.release.request_id = request_id
+        except BaseException:
+            self._withdraw(call)
+            raise
+        answer = await self._answer(call.call_id, future)
         return answer.release
 
     async def close(self) -> None:
@@ -102,21 +120,40 @@ class RequestPathClient:
             await asyncio.gather(*self._pending.values(), return_exceptions=True)
         self._stop(RequestPathUnavailable("the client was closed"))
 
-    async def _call(self, call: budget_pb2.RequestPathCall) -> budget_pb2.RequestPathAnswer:
+    def _new_call(
+        self,
+    ) -> tuple[budget_pb2.RequestPathCall, asyncio.Future[budget_pb2.RequestPathAnswer]]:
+        """A new call in the next message (its request is filled in by the caller before it
+        yields to the event loop), and the future of its answer."""
+        loop = asyncio.get_running_loop()
         if self._stream is None:
-            wait = self._retry_at - asyncio.get_running_loop().time()
+            wait = self._retry_at - loop.time()
             if wait > 0:
                 raise RequestPathUnavailable(f"the request-path stream failed; next attempt in {wait:.2f} s")
             self._open()
-        call.call_id = next(self._ids)
-        future: asyncio.Future[budget_pb2.RequestPathAnswer] = asyncio.get_running_loop().create_future()
-        self._pending[call.call_id] = future
-        self._outbox.append(call)
-        self._wake.set()
+        call = self._outgoing.calls.add()
+        call.call_id = call_id = next(self._ids)
+        future: asyncio.Future[budget_pb2.RequestPathAnswer] = loop.create_future()
+        self._pending[call_id] = future
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        return call, future
+
+    def _withdraw(self, call: budget_pb2.RequestPathCall) -> None:
+        """Takes back a call whose request could not be filled in (still the message's last)."""
+        self._pending.pop(call.call_id, None)
+        calls = self._outgoing.calls
+        if len(calls) and calls[-1].call_id == call.call_id:
+            del calls[-1]
+
+    async def _answer(
+        self, call_id: int, future: asyncio.Future[budget_pb2.RequestPathAnswer]
+    ) -> budget_pb2.RequestPathAnswer:
         try:
             answer = await future
         finally:
-            self._pending.pop(call.call_id, None)
+            self._pending.pop(call_id, None)
         if answer.WhichOneof("result") == "error":
             raise RequestPathError(answer.error)
         return answer
@@ -127,14 +164,17 @@ class RequestPathClient:
         self._tasks = [asyncio.create_task(self._write(self._stream)), asyncio.create_task(self._read(self._stream))]
 
     async def _write(self, stream: Any) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                await self._wake.wait()
-                self._wake.clear()
+                if not self._outgoing.calls:
+                    self._wake = loop.create_future()
+                    await self._wake
+                    self._wake = None
                 await asyncio.sleep(0)  # calls made in the same turn of the loop join this message
-                calls, self._outbox = self._outbox, []
-                if calls:
-                    await stream.write(budget_pb2.StreamRequestPathRequest(calls=calls))
+                request, self._outgoing = self._outgoing, budget_pb2.StreamRequestPathRequest()
+                if request.calls:
+                    await stream.write(request)
         except Exception as exc:  # any failure to write breaks the stream
             reason = str(exc)
             with contextlib.suppress(Exception):  # the status the stream ended with, when it did
@@ -146,8 +186,9 @@ class RequestPathClient:
         try:
             async for reply in stream:
                 self._backoff = 0.0
+                pending = self._pending
                 for answer in reply.answers:
-                    future = self._pending.get(answer.call_id)
+                    future = pending.pop(answer.call_id, None)
                     if future is not None and not future.done():
                         future.set_result(answer)
         except grpc.aio.AioRpcError as exc:
@@ -175,8 +216,8 @@ class RequestPathClient:
             if task is not asyncio.current_task():
                 task.cancel()
         self._tasks = []
-        self._outbox = []
+        self._outgoing = budget_pb2.StreamRequestPathRequest()
+        self._wake = None
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        self._wake.clear()
