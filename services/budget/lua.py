@@ -305,6 +305,23 @@ local function add_spend(ki, gi, provider, xid, actual)
   end
 end
 local already, settled, over_none, over_open, open_n, first_open = 0, 0, 0, 0, 0, ''
+-- Gives back the open reservation of request `rid` (`r`: its record's st, a, c1, c2) and books
+-- the actual cost above it as overspend; spend with no open reservation is all overspend.
+local function close_reservation(rid, r, actual)
+  if r[1] == 'o' then
+    local reserved = tonumber(r[2])
+    redis.call('HINCRBY', r[3], 'r', -reserved)
+    redis.call('HINCRBY', r[4], 'r', -reserved)
+    redis.call('ZREM', KEYS[2], rid)
+    if actual > reserved then
+      over_open = over_open + actual - reserved
+      open_n = open_n + 1
+      if first_open == '' then first_open = rid end
+    end
+  elseif actual > 0 then
+    over_none = over_none + actual
+  end
+end
 """
 _SPEND_END = """
 local function int(n) return string.format('%.0f', n) end
@@ -369,20 +386,7 @@ for _, it in ipairs(items) do
     already = already + 1
   else
     settled = settled + 1
-    local reserved = 0
-    if r[1] == 'o' then
-      reserved = tonumber(r[2])
-      redis.call('HINCRBY', r[3], 'r', -reserved)
-      redis.call('HINCRBY', r[4], 'r', -reserved)
-      redis.call('ZREM', KEYS[2], rid)
-      if actual > reserved then
-        over_open = over_open + actual - reserved
-        open_n = open_n + 1
-        if first_open == '' then first_open = rid end
-      end
-    elseif actual > 0 then
-      over_none = over_none + actual
-    end
+    close_reservation(rid, r, actual)
     add_spend(ki, gi, it[5], it[6], actual)
     redis.call('HSET', rk, 'st', 's', 'k', kgroups[ki][1], 'a', it[2])
     if r[1] then
@@ -432,23 +436,10 @@ for _, it in ipairs(items) do
   else
     settled = settled + 1
     sadd[si] = (sadd[si] or 0) + actual
+    close_reservation(rid, r, actual)
     if not r[1] then
       bare[#bare + 1] = rid
-      over_none = over_none + actual
     else
-      if r[1] == 'o' then
-        local reserved = tonumber(r[2])
-        redis.call('HINCRBY', r[3], 'r', -reserved)
-        redis.call('HINCRBY', r[4], 'r', -reserved)
-        redis.call('ZREM', KEYS[2], rid)
-        if actual > reserved then
-          over_open = over_open + actual - reserved
-          open_n = open_n + 1
-          if first_open == '' then first_open = rid end
-        end
-      else
-        over_none = over_none + actual
-      end
       local g = sgroups[si]
       redis.call('HSET', rk, 'st', 's', 'k', kgroups[g[1]][1], 'a', string.format('%.0f', actual))
       redis.call('HDEL', rk, 'c1', 'c2', 'x')

@@ -591,29 +591,8 @@ class BudgetStore:
         return [_spend_result(reply) for reply in replies]
 
     async def _pipelined(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Runs `script` once per (keys, args) in one pipeline (one round trip); loads the script
-        and runs again the calls a Redis without it refused (NOSCRIPT: those did not run)."""
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for index in todo:
-                    keys, args = calls[index]
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                answers = await pipe.execute(raise_on_error=False)
-            missing = []
-            for index, answer in zip(todo, answers, strict=True):
-                if isinstance(answer, NoScriptError) and attempt == 0:
-                    missing.append(index)
-                elif isinstance(answer, Exception):
-                    raise answer
-                else:
-                    replies[index] = answer
-            if not missing:
-                break
-            script.sha = await self.redis.script_load(script.script)
-            todo = missing
-        return replies
+        """Runs `script` once per (keys, args) in one pipeline (see `_pipelined_scripts`)."""
+        return await self._pipelined_scripts([(script, keys, args) for keys, args in calls])
 
     async def settle(
         self,
