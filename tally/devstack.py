@@ -113,6 +113,10 @@ class Postgres:
                     "-E",
                     "UTF8",
                     "--locale=C.UTF-8",
+                    # Text sorts and compares bytewise (the same order as C.UTF-8 for UTF-8 text)
+                    # without going through the locale: a quarter of the ingest statement's cost
+                    # was strcoll in its unique-index and rollup-index comparisons.
+                    "--lc-collate=C",
                 ]
             )
         finally:
@@ -127,7 +131,7 @@ class Postgres:
             "shared_preload_libraries": "timescaledb",
             "timescaledb.telemetry_level": "off",
             "max_connections": "200",
-            "shared_buffers": "512MB",
+            "shared_buffers": "2GB",
             "max_wal_size": "4GB",
             "wal_compression": "on",
             # A new WAL segment is not zero-filled first: on a young database (every segment new,

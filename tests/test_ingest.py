@@ -534,6 +534,7 @@ def test_live_counters_follow_commits(
             break
         time.sleep(0.1)
     assert [int(v or 0) for v in values] == [50, expected_cost]
+    assert 0 < client.ttl(hour_key) <= live.HOUR_TTL_SECONDS  # each flush renews the hash's expiry
 
 
 def test_price_api_validation_and_import(stack: Stack) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from services.ingest.events import IngestPolicy, ValidEvent, validate
 from services.ingest.pricing import PriceBook
-from services.ingest.store import UsageStore, prepare_connection
+from services.ingest.store import UsageStore, _Waiting, prepare_connection
 from tally.devstack import Postgres, Redis
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
@@ -73,13 +73,13 @@ async def test_waiting_batches_commit_together_and_each_event_counts_once(databa
     batches = [[rng.choice(pool) for _ in range(400)] for _ in range(12)]
     store = UsageStore(database, late_threshold_seconds=300, writers=1, group_events=2000)
     transactions: list[int] = []
-    write_once = store._write_once
+    write_group = store._write_group
 
-    async def counting(events: Sequence[ValidEvent]) -> tuple[set[tuple[str, datetime]], int]:
-        transactions.append(len(events))
-        return await write_once(events)
+    async def counting(group: list[_Waiting]) -> tuple[set[tuple[str, datetime]], int]:
+        transactions.append(sum(len(waiting.events) for waiting in group))
+        return await write_group(group)
 
-    store._write_once = counting  # type: ignore[method-assign]
+    store._write_group = counting  # type: ignore[method-assign]
     answers = await asyncio.gather(*(store.write(batch) for batch in batches))
 
     # One writer: the first batch alone, then the ones that waited, at most 2,000 events a group.
@@ -111,17 +111,17 @@ async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_proce
     factory = EventFactory(seed=32, models=MODELS)
     events = valid_events(factory, 300)
     store = UsageStore(database, late_threshold_seconds=300, writers=1)
-    write_once = store._write_once
+    write_group = store._write_group
     calls = 0
 
-    async def failing_first(events: Sequence[ValidEvent]) -> tuple[set[tuple[str, datetime]], int]:
+    async def failing_first(group: list[_Waiting]) -> tuple[set[tuple[str, datetime]], int]:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise psycopg.OperationalError("connection lost")
-        return await write_once(events)
+        return await write_group(group)
 
-    store._write_once = failing_first  # type: ignore[method-assign]
+    store._write_group = failing_first  # type: ignore[method-assign]
     first = await asyncio.gather(store.write(events[:100]), return_exceptions=True)
     assert isinstance(first[0], psycopg.OperationalError)
     assert (await store.write(events[100:])).not_new == set()

@@ -41,6 +41,14 @@ SETTLE_TIMEOUT_SECONDS = 5.0
 FLUSH_SECONDS = 0.5
 MAX_PENDING_SETTLEMENTS = 200_000
 QUARTER_HOUR = 900
+# Adds amounts to fields of one hash (ARGV: the hash's expiry in seconds, then field, amount
+# pairs) and renews the expiry: one command per hash instead of one HINCRBY per field, which
+# cost the ingest process more to encode than Redis to run. EVAL (not EVALSHA): Redis caches the
+# compiled script, and it needs no NOSCRIPT handling, in a cluster pipeline neither.
+_ADD_TO_FIELDS = """
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
 
 
 @dataclass
@@ -238,9 +246,10 @@ class AfterCommit:
         try:
             pipe = self._redis.pipeline(transaction=False)
             for key, fields in counters.items():
+                args: list[str | int] = [ttl[key]]
                 for name, amount in fields.items():
-                    pipe.hincrby(key, name, amount)
-                pipe.expire(key, ttl[key])
+                    args += (name, amount)
+                pipe.eval(_ADD_TO_FIELDS, 1, key, *args)
             stats_key = live.INGEST_STATS_KEY
             pipe.hsetnx(stats_key, "since", int(self._last_ingest or time.time()))
             for name, amount in stats.items():
