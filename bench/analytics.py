@@ -36,28 +36,23 @@ from tally.demo import load
 from tally.runtime.config import ServiceName
 from tally.usage import TOTAL_TOKENS_SQL
 from tally.usage.histogram import bucket_of
-from tally.usage.schema import SMALL_INPUT_TOKENS, TABLES
+from tally.usage.schema import MERGED_ROLLUPS, SMALL_INPUT_TOKENS
 
 DAYS = 90
 
 
 def _compact(conn: psycopg.Connection[Any]) -> dict[str, list[int]]:
-    """Merges each bucket's rows to one per group in every rollup (what the ingest compactor does
-    bucket by bucket; the sums are unchanged: an exact rewrite)."""
+    """Merges every rollup's delta rows into its merged table (what the ingest compactor does on
+    each pass; the sums are unchanged) and vacuums both."""
     counts: dict[str, list[int]] = {}
-    for table in TABLES:
-        keys = ", ".join(("bucket", *table.group))
-        sums = ", ".join(f"sum({c}) AS {c}" for c in table.sums)
+    for table in MERGED_ROLLUPS:
         before = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()
         with conn.transaction():
-            conn.execute(
-                f"CREATE TEMP TABLE merged ON COMMIT DROP AS SELECT {keys}, {sums} FROM {table.name} GROUP BY {keys}"
-            )
-            conn.execute(f"DELETE FROM {table.name}")
-            conn.execute(f"INSERT INTO {table.name} ({keys}, {', '.join(table.sums)}) SELECT * FROM merged")
+            conn.execute(table.merge_sql())
         after = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()
         counts[table.name] = [int(before[0]) if before else 0, int(after[0]) if after else 0]
-        conn.execute(f"VACUUM ANALYZE {table.name}")
+        conn.execute(f"VACUUM ANALYZE {table.merged}")
+        conn.execute(f"VACUUM ANALYZE {table.delta}")
     return counts
 
 

@@ -267,7 +267,7 @@ def record_usage(
 
 def add_rollup(conn: psycopg.Connection[Any], key_id: str, micros: int, *, provider: str, bucket: datetime) -> None:
     conn.execute(
-        """INSERT INTO usage_rollup_hourly (bucket, key_id, provider, model, operation, status_class, error_type,
+        """INSERT INTO usage_rollup_hourly_delta (bucket, key_id, provider, model, operation, status_class, error_type,
                requests, successes, failures, input_tokens, output_tokens, cached_read_tokens, cache_write_tokens,
                reasoning_tokens, images, audio_seconds, cost_micros, provider_cost_requests, unpriced_requests,
                late_requests, streaming_requests, tool_requests, small_input_requests, small_input_input_tokens,
@@ -975,7 +975,8 @@ def test_cost_spike_is_detected_on_schedule_once(budget_stack: BudgetStack) -> N
     finally:
         reader.close()
         with budget_stack.db() as conn:
-            conn.execute("DELETE FROM usage_rollup_hourly WHERE key_id = %s", (key_id,))
+            for table in ("usage_rollup_hourly_delta", "usage_rollup_hourly_merged"):
+                conn.execute(f"DELETE FROM {table} WHERE key_id = %s", (key_id,))  # noqa: S608
     assert spike[0].scope == "global"
     assert spike[0].spend_micros >= 1000 * USD
     assert "Cost spike" in spike[0].message

@@ -222,8 +222,8 @@ def test_pipeline_health_detects_a_rollup_that_disagrees_with_raw_events(stack: 
     values = ["1" if c == "requests" else "0" for c in sums]
     with psycopg.connect(stack.postgres.url, password=stack.postgres.password, autocommit=True) as conn:
         conn.execute(
-            f"""INSERT INTO usage_rollup_hourly (bucket, key_id, provider, model, operation, status_class, error_type,
-                    {", ".join(sums)})
+            f"""INSERT INTO usage_rollup_hourly_delta (bucket, key_id, provider, model, operation, status_class,
+                    error_type, {", ".join(sums)})
                 VALUES (date_trunc('hour', now()) - interval '2 hours', %s, 'ghost', 'ghost', 'chat.completions',
                         '2xx', '', {", ".join(values)})""",  # noqa: S608
             (key,),
@@ -232,6 +232,7 @@ def test_pipeline_health_detects_a_rollup_that_disagrees_with_raw_events(stack: 
             with stack.http() as client:
                 data = client.get("/api/admin/analytics/pipeline-health").json()["data"]
         finally:
-            conn.execute("DELETE FROM usage_rollup_hourly WHERE key_id = %s", (key,))
+            for table in ("usage_rollup_hourly_delta", "usage_rollup_hourly_merged"):  # merged or not yet
+                conn.execute(f"DELETE FROM {table} WHERE key_id = %s", (key,))  # noqa: S608
     assert data["rollupConsistency"]["status"] == "inconsistent"
     assert data["status"] == "degraded"

@@ -107,7 +107,7 @@ def _delta_insert(table: str, width: str, group: Sequence[str]) -> str:
     sums = [_DELTA_COLUMNS.get(c, "0") for c in ROLLUP_SUMS]
     columns = ", ".join(("bucket", *group, *ROLLUP_SUMS))
     by = ", ".join(str(i + 1) for i in range(len(group) + 1))
-    return f"""INSERT INTO {table} ({columns})
+    return f"""INSERT INTO {table}_delta ({columns})
         SELECT time_bucket('{width}', event_time), {", ".join(group_exprs)}, {", ".join(sums)}
         FROM recalc_changes GROUP BY {by}"""  # noqa: S608 (constants)
 
@@ -119,7 +119,7 @@ _DELTA_SQL = [
     _delta_insert("usage_rollup_daily_global", "1 day", GLOBAL_GROUP),
     _delta_insert("usage_rollup_hourly_key", "1 hour", KEY_GROUP),
     _delta_insert("usage_rollup_daily_key", "1 day", KEY_GROUP),
-    """INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests, input_tokens,
+    """INSERT INTO prompt_fingerprint_daily_delta (bucket, prompt_fingerprint, provider, model, requests, input_tokens,
                                              cost_micros)
        SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model, 0, 0, sum(new_cost - old_cost)
        FROM recalc_changes WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4""",

@@ -11,9 +11,10 @@ hypertable with `ON CONFLICT DO NOTHING` (idempotency on (request_id, event_time
 exactly the rows really inserted, appends one rollup row per group to the hourly and daily
 rollups (full dimensions, global without the key, and per key only) and the fingerprint rollup,
 and registers unknown keys. So a replayed event changes nothing anywhere.
-Rollups are append-only (no row is updated, so concurrent batches never wait on each other);
-the compactor (compaction.py) later merges each bucket to one row per group. Events are inserted
-in sorted order so concurrent batches take unique-index locks in the same order.
+Rollup rows are appended to the rollups' delta tables (plain tables: no row is updated, so
+concurrent batches never wait on each other); the compactor (compaction.py) merges them into
+the merged tables. Events are inserted in sorted order so concurrent batches take unique-index
+locks in the same order.
 """
 
 from __future__ import annotations
@@ -94,13 +95,13 @@ def _batch_sql(late_threshold_seconds: int) -> str:
         ON CONFLICT DO NOTHING
         RETURNING {_RETURNED}, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb,
                   width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb),
-    {_rollup_insert("hourly", "usage_rollup_hourly", "1 hour", late_threshold_seconds)},
+    {_rollup_insert("hourly", "usage_rollup_hourly_delta", "1 hour", late_threshold_seconds)},
     {derived_rollup_ctes()},
     fingerprints AS (
-        INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
+        INSERT INTO prompt_fingerprint_daily_delta (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)
         SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
-               count(*), sum(input_tokens), coalesce(sum(cost_micros), 0)
+               count(*), tally_sum8(input_tokens), coalesce(tally_sum8(cost_micros), 0)
         FROM ins WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4),
     {provider_minutes_cte("minutes", "ins")},
     keys AS (

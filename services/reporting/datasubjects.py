@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -40,6 +40,7 @@ from tally.runtime.config import ServiceName
 from tally.runtime.errors import FailedPrecondition
 from tally.runtime.server import Resources
 from tally.runtime.validation import Violations
+from tally.usage.compaction import compact_provider_minutes, merge_rollups
 from tally.usage.identity import hash_end_user
 from tally.usage.schema import (
     COLUMNS,
@@ -50,13 +51,12 @@ from tally.usage.schema import (
     provider_minutes_cte,
     rollup_aggregates,
 )
-from tally.usage.schema import TABLES as ROLLUP_TABLES
 
 log = logging.getLogger("tally.reporting.datasubjects")
 
 _BOUNDS = HISTOGRAM_BOUNDS_SQL
-# Most rollup buckets compacted after one deletion (beyond that the ingest compactor's sweep or
-# a later pass merges them; the sums are exact either way).
+# Most provider-minute hours compacted after one deletion (beyond that the ingest compactor's
+# sweep or a later pass merges them; the sums are exact either way).
 _MAX_COMPACTIONS = 5000
 EVENT_COLUMNS: tuple[str, ...] = (*COLUMNS, "ingested_at")
 
@@ -85,7 +85,7 @@ def removal_sql(source: str, late_threshold_seconds: int) -> str:
         SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
         FROM gone),
     hourly AS (
-        INSERT INTO usage_rollup_hourly ({full})
+        INSERT INTO usage_rollup_hourly_delta ({full})
         SELECT time_bucket('1 hour', event_time), key_id, provider, model, operation,
                (http_status / 100)::text || 'xx', coalesce(error_type, ''),
                {", ".join(negated_aggregates(late_threshold_seconds))}
@@ -93,7 +93,7 @@ def removal_sql(source: str, late_threshold_seconds: int) -> str:
         RETURNING *),
     {derived_rollup_ctes()},
     fingerprints AS (
-        INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
+        INSERT INTO prompt_fingerprint_daily_delta (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)
         SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
                -count(*), -sum(input_tokens), -coalesce(sum(cost_micros), 0)
@@ -210,19 +210,13 @@ class DataSubjects:
         return Deletion(events=live["events"], cost_micros=cost, archived_events=archived.events)
 
     async def _compact(self, hours: Iterable[datetime]) -> None:
-        """Merges the touched buckets so the negative rows do not stay visible as one user's usage."""
-        hourly = sorted(set(hours))
-        daily = sorted({h.astimezone(UTC).replace(hour=0) for h in hourly})
-        done = 0
-        for table in ROLLUP_TABLES:
-            buckets: Sequence[datetime] = hourly if table.width == timedelta(hours=1) else daily
-            for bucket in buckets:
-                if done >= _MAX_COMPACTIONS:
-                    return
-                async with self._db.transaction() as conn:
-                    for statement, params in table.compact_statements(bucket):
-                        await conn.execute(statement, params)
-                done += 1
+        """Merges the rollups' delta rows and the touched provider-minute hours, so the negative
+        rows do not stay visible as one user's usage."""
+        await merge_rollups(self._db)
+        for done, hour in enumerate(sorted(set(hours))):
+            if done >= _MAX_COMPACTIONS:
+                return
+            await compact_provider_minutes(self._db, hour)
 
     async def _reconcile_budgets(self) -> str:
         if self._channel is None:

@@ -1,8 +1,11 @@
 """The shape of usage data in TimescaleDB, shared by every service that reads or corrects it.
 
 Ingest writes `usage_events` and the rollups; analytics, reporting (data-subject deletes,
-retention) and re-rating read or correct them. The rollups are append-only: every reader sums
-rows, and a correction is an appended delta row. This module is data definition only.
+retention) and re-rating read or correct them. Every reader sums rollup rows, and every writer
+appends delta rows: to `<rollup>_delta`, which the compactor merges into `<rollup>_merged` (one
+row per bucket and group); readers read the view `<rollup>`, the union of both (migration 0016).
+Provider minutes are append-only in one table, merged an hour at a time. This module is data
+definition only.
 """
 
 from __future__ import annotations
@@ -44,6 +47,49 @@ FINGERPRINT_GROUP = ("prompt_fingerprint", "provider", "model")
 FINGERPRINT_SUMS = ("requests", "input_tokens", "cost_micros")
 
 
+# Sum columns that are not bigint (summed with sum(); the others with tally_sum8, migration 0017).
+_NUMERIC_SUMS = frozenset({"audio_seconds"})
+
+
+def total(column: str) -> str:
+    """The SQL sum of a bigint rollup column (or of `audio_seconds`, numeric)."""
+    return f"sum({column})" if column in _NUMERIC_SUMS else f"tally_sum8({column})"
+
+
+@dataclass(frozen=True)
+class MergedRollup:
+    """A rollup read as the view `name`: `merged` (one row per bucket and group, unique) plus
+    `delta` (rows appended by writers since the last merge)."""
+
+    name: str
+    width: timedelta
+    group: tuple[str, ...]
+    sums: tuple[str, ...]
+
+    @property
+    def delta(self) -> str:
+        return f"{self.name}_delta"
+
+    @property
+    def merged(self) -> str:
+        return f"{self.name}_merged"
+
+    def merge_sql(self) -> str:
+        """Moves every committed delta row into the merged table, in one statement: readers see
+        the same sums before and after. Rows committed after its snapshot stay for the next
+        merge; two merges racing each move only the rows they deleted. Groups are upserted in
+        key order, so concurrent merges take row locks in one order."""
+        keys = ", ".join(("bucket", *self.group))
+        sums = ", ".join(total(c) for c in self.sums)
+        added = ", ".join(f"{c} = m.{c} + excluded.{c}" for c in self.sums)
+        return f"""
+            WITH moved AS (DELETE FROM {self.delta} RETURNING *)
+            INSERT INTO {self.merged} AS m ({keys}, {", ".join(self.sums)})
+            SELECT {keys}, {sums} FROM moved GROUP BY {keys} ORDER BY {keys}
+            ON CONFLICT ({", ".join((*self.group, "bucket"))}) DO UPDATE SET {added}
+        """  # noqa: S608 (constants)
+
+
 @dataclass(frozen=True)
 class RollupTable:
     """An append-only rollup. `width` is the span the compactor merges at once (an hour or a day;
@@ -65,7 +111,7 @@ class RollupTable:
         if self.exclusive_sql is not None:
             return self.exclusive_sql
         columns = ", ".join(("bucket", *self.group, *self.sums))
-        sums = ", ".join(f"sum({c})" for c in self.sums)
+        sums = ", ".join(total(c) for c in self.sums)
         keys = ", ".join(("bucket", *self.group))
         where = "bucket = %(bucket)s"
         if self.grain is not None:
@@ -109,13 +155,14 @@ class RollupTable:
         return at.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-HOURLY = RollupTable("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
-DAILY = RollupTable("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
-FINGERPRINTS = RollupTable("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
-HOURLY_GLOBAL = RollupTable("usage_rollup_hourly_global", timedelta(hours=1), GLOBAL_GROUP, ROLLUP_SUMS)
-DAILY_GLOBAL = RollupTable("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
-HOURLY_KEY = RollupTable("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
-DAILY_KEY = RollupTable("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
+HOURLY = MergedRollup("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
+DAILY = MergedRollup("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
+FINGERPRINTS = MergedRollup("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
+HOURLY_GLOBAL = MergedRollup("usage_rollup_hourly_global", timedelta(hours=1), GLOBAL_GROUP, ROLLUP_SUMS)
+DAILY_GLOBAL = MergedRollup("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
+HOURLY_KEY = MergedRollup("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
+DAILY_KEY = MergedRollup("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
+MERGED_ROLLUPS = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
 # Compactions that must not run concurrently take this advisory lock (pg_advisory_xact_lock).
 COMPACTION_LOCK = 7_406_391_044
 
@@ -144,7 +191,6 @@ PROVIDER_MINUTES = RollupTable(
     exclusive_sql=_PROVIDER_MINUTES_COMPACT,
     dirty_marks="provider_minutes_dirty",
 )
-TABLES = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY, PROVIDER_MINUTES)
 
 
 def provider_minutes_cte(name: str, source: str, sign: str = "") -> str:
@@ -172,17 +218,17 @@ def rollup_aggregates(late_threshold_seconds: int) -> list[str]:
         "count(*)",
         "count(*) FILTER (WHERE http_status < 400)",
         "count(*) FILTER (WHERE http_status >= 400)",
-        "sum(input_tokens)", "sum(output_tokens)", "sum(cached_read_tokens)", "sum(cache_write_tokens)",
-        "sum(reasoning_tokens)", "sum(images)", "sum(audio_seconds)", "coalesce(sum(cost_micros), 0)",
+        total("input_tokens"), total("output_tokens"), total("cached_read_tokens"), total("cache_write_tokens"),
+        total("reasoning_tokens"), "sum(images)", "sum(audio_seconds)", f"coalesce({total('cost_micros')}, 0)",
         "count(*) FILTER (WHERE cost_source = 'provider')",
         "count(*) FILTER (WHERE cost_source = 'unpriced')",
         f"count(*) FILTER (WHERE ingested_at - event_time > make_interval(secs => {late_threshold_seconds}))",
         "count(*) FILTER (WHERE streaming)",
         "count(*) FILTER (WHERE tools_used)",
         f"count(*) FILTER (WHERE {small})",
-        f"coalesce(sum(input_tokens) FILTER (WHERE {small}), 0)",
-        f"coalesce(sum(output_tokens) FILTER (WHERE {small}), 0)",
-        f"coalesce(sum(cost_micros) FILTER (WHERE {small}), 0)",
+        f"coalesce({total('input_tokens')} FILTER (WHERE {small}), 0)",
+        f"coalesce({total('output_tokens')} FILTER (WHERE {small}), 0)",
+        f"coalesce({total('cost_micros')} FILTER (WHERE {small}), 0)",
         "sum(latency_ms)", "coalesce(sum(ttft_ms), 0)", "count(ttft_ms)",
         *(f"count(*) FILTER (WHERE lb = {i})" for i in range(len(LATENCY_COLUMNS))),
         *(f"count(*) FILTER (WHERE tb = {i})" for i in range(len(TTFT_COLUMNS))),
@@ -203,25 +249,25 @@ def derived_rollup_ctes() -> str:
     not merged with the day's other hours: the rollups are append-only and the compactor merges
     each day, and merging here would aggregate every column of rows that within one batch rarely
     share a day group (live traffic spans minutes). Ends without a trailing comma."""
-    sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+    sums = ", ".join(total(c) for c in ROLLUP_SUMS)
     plain = ", ".join(ROLLUP_SUMS)
     full = ", ".join(("bucket", *ROLLUP_GROUP, *ROLLUP_SUMS))
     glob = ", ".join(("bucket", *GLOBAL_GROUP, *ROLLUP_SUMS))
     key = ", ".join(("bucket", *KEY_GROUP, *ROLLUP_SUMS))
     return f"""daily AS (
-        INSERT INTO usage_rollup_daily ({full})
+        INSERT INTO usage_rollup_daily_delta ({full})
         SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {plain} FROM hourly),
     hourly_global AS (
-        INSERT INTO usage_rollup_hourly_global ({glob})
+        INSERT INTO usage_rollup_hourly_global_delta ({glob})
         SELECT bucket, {", ".join(GLOBAL_GROUP)}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
         RETURNING *),
     daily_global AS (
-        INSERT INTO usage_rollup_daily_global ({glob})
+        INSERT INTO usage_rollup_daily_global_delta ({glob})
         SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {plain} FROM hourly_global),
     hourly_key AS (
-        INSERT INTO usage_rollup_hourly_key ({key})
+        INSERT INTO usage_rollup_hourly_key_delta ({key})
         SELECT bucket, key_id, {sums} FROM hourly GROUP BY 1, 2
         RETURNING *),
     daily_key AS (
-        INSERT INTO usage_rollup_daily_key ({key})
+        INSERT INTO usage_rollup_daily_key_delta ({key})
         SELECT time_bucket('1 day', bucket), key_id, {plain} FROM hourly_key)"""  # noqa: S608

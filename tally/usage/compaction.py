@@ -1,0 +1,46 @@
+"""The rollups' compaction steps, shared by ingest's compactor and data-subject deletes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prometheus_client import Counter
+from psycopg import sql
+
+from tally.runtime.db import Database
+from tally.usage.schema import MERGED_ROLLUPS, PROVIDER_MINUTES
+
+COMPACTED = Counter("tally_rollup_buckets_compacted_total", "Provider-minute hours compacted.", ["table"])
+MERGED = Counter("tally_rollup_groups_merged_total", "Rollup groups written by merges of delta rows.", ["table"])
+
+
+async def merge_rollups(db: Database) -> int:
+    """Moves every rollup's committed delta rows into its merged table and vacuums the delta
+    tables; returns the number of groups written."""
+    written = 0
+    for table in MERGED_ROLLUPS:
+        async with db.transaction() as conn:
+            # Sorting a pass's delta rows (tens of thousands, ~70 columns) spilled to disk at the
+            # default work_mem; the planner's estimate of the just-vacuumed table is one row.
+            await conn.execute("SET LOCAL work_mem = '256MB'")
+            cursor = await conn.execute(table.merge_sql())
+            written += max(cursor.rowcount, 0)
+            MERGED.labels(table.name).inc(max(cursor.rowcount, 0))
+    # The deleted delta rows are dead tuples until vacuumed: without this, every read of a
+    # rollup would scan a delta table grown with them between autovacuum runs.
+    async with db.pool.connection() as conn:
+        await conn.set_autocommit(True)
+        try:
+            for table in MERGED_ROLLUPS:
+                await conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(table.delta)))
+        finally:
+            await conn.set_autocommit(False)
+    return written
+
+
+async def compact_provider_minutes(db: Database, hour: datetime) -> None:
+    """Merges an hour of provider minutes and rewrites its uptime summary (one transaction)."""
+    async with db.transaction() as conn:
+        for statement, params in PROVIDER_MINUTES.compact_statements(hour):
+            await conn.execute(statement, params)
+    COMPACTED.labels(PROVIDER_MINUTES.name).inc()
