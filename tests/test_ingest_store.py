@@ -19,6 +19,7 @@ from tally.devstack import Postgres, Redis
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations
+from tally.usage.schema import HOURLY, ROLLUP_SUMS
 from tests.conftest import fresh_database
 from tests.usage_support import EventFactory, recent
 
@@ -128,3 +129,67 @@ async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_proce
     async with database.transaction() as conn:
         row: Any = await (await conn.execute("SELECT count(*) FROM usage_events")).fetchone()
     assert row[0] == 200
+
+
+async def test_merged_rollups_migration_keeps_every_sum(
+    infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 0016 on a database holding append-only rollups with several rows per group:
+    afterwards each rollup (now a view) has the same sums, its merged table one row per group,
+    and new delta rows are merged in by the compactor's statement."""
+    postgres = infra[0]
+    monkeypatch.setenv("DATABASE_URL", fresh_database(postgres, "merge_migration"))
+    monkeypatch.setenv("DATABASE_PASSWORD", postgres.password)
+    monkeypatch.setenv("END_USER_HASH_KEY", "store-test-secret")
+    monkeypatch.setenv("ADMIN_MASTER_KEY", "store-test-master-key")
+    settings = Settings()
+    await apply_migrations(settings, until=15)
+    hour = datetime(2026, 11, 3, 10, tzinfo=UTC)
+    sums = ", ".join(ROLLUP_SUMS)
+    rows = [  # (hour offset, key, requests, cost): key k1 twice in hour 0, k2 once, k1 once in hour 1
+        (0, "00000000-0000-0000-0000-000000000001", 3, 1_000),
+        (0, "00000000-0000-0000-0000-000000000001", 2, 250),
+        (0, "00000000-0000-0000-0000-000000000002", 1, 7),
+        (1, "00000000-0000-0000-0000-000000000001", 5, 40),
+    ]
+    async with await psycopg.AsyncConnection.connect(settings.database_url, password=postgres.password) as conn:
+        for offset, key, requests, cost in rows:
+            values = ", ".join(
+                str(requests if c == "requests" else cost if c == "cost_micros" else 0) for c in ROLLUP_SUMS
+            )
+            await conn.execute(
+                f"""INSERT INTO usage_rollup_hourly (bucket, key_id, provider, model, operation, status_class,
+                        error_type, {sums}) VALUES (%s, %s, 'p', 'm', 'chat.completions', '2xx', '', {values})""",  # noqa: S608
+                (hour + timedelta(hours=offset), key),
+            )
+            await conn.execute(
+                """INSERT INTO prompt_fingerprint_daily (bucket, prompt_fingerprint, provider, model, requests,
+                       input_tokens, cost_micros) VALUES (%s, 'fp', 'p', 'm', %s, 0, %s)""",
+                (hour.replace(hour=0), requests, cost),
+            )
+        await conn.commit()
+    assert await apply_migrations(settings) == [16, 17]
+
+    async with await psycopg.AsyncConnection.connect(settings.database_url, password=postgres.password) as conn:
+
+        async def one(query: str) -> tuple[Any, ...]:
+            row = await (await conn.execute(query)).fetchone()
+            assert row is not None
+            return tuple(row)
+
+        totals = "SELECT sum(requests), sum(cost_micros), count(*) FROM {}"
+        assert await one(totals.format("usage_rollup_hourly")) == (11, 1_297, 3)
+        assert await one(totals.format("usage_rollup_hourly_merged")) == (11, 1_297, 3)
+        assert await one(totals.format("prompt_fingerprint_daily")) == (11, 1_297, 1)
+        assert await one("SELECT count(*) FROM usage_rollup_hourly_delta") == (0,)
+        # A writer's delta row, then the compactor's merge: same sums, still one row per group.
+        await conn.execute(
+            f"""INSERT INTO usage_rollup_hourly_delta (bucket, key_id, provider, model, operation, status_class,
+                    error_type, {sums}) SELECT bucket, key_id, provider, model, operation, status_class, error_type,
+                    {sums} FROM usage_rollup_hourly_merged WHERE bucket = %s""",  # noqa: S608
+            (hour,),
+        )
+        assert await one(totals.format("usage_rollup_hourly")) == (17, 2_554, 5)
+        await conn.execute(HOURLY.merge_sql())
+        assert await one(totals.format("usage_rollup_hourly")) == (17, 2_554, 3)
+        assert await one("SELECT count(*) FROM usage_rollup_hourly_delta") == (0,)

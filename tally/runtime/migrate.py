@@ -53,8 +53,9 @@ class MigrationError(RuntimeError):
     pass
 
 
-async def apply_migrations(settings: Settings) -> list[int]:
-    """Applies pending migrations; returns the versions applied by this call."""
+async def apply_migrations(settings: Settings, until: int | None = None) -> list[int]:
+    """Applies pending migrations (those up to version `until`, if given); returns the versions
+    applied by this call."""
     applied_now: list[int] = []
     conn = await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True, **connection_kwargs(settings))
     async with conn:
@@ -70,6 +71,8 @@ async def apply_migrations(settings: Settings) -> list[int]:
             cur = await conn.execute("SELECT version, checksum FROM schema_migrations")
             done: dict[int, Any] = {row[0]: row[1] for row in await cur.fetchall()}
             for migration in discover():
+                if until is not None and migration.version > until:
+                    break
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:
                         raise MigrationError(
