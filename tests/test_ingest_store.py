@@ -26,14 +26,17 @@ from tests.usage_support import EventFactory, recent
 MODELS = [("openai", "gpt-4o"), ("anthropic", "claude-3-haiku")]
 
 
-@pytest.fixture
-async def database(infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Database]:
-    postgres = infra[0]
-    monkeypatch.setenv("DATABASE_URL", fresh_database(postgres, "store"))
+def settings_for_new_database(postgres: Postgres, name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("DATABASE_URL", fresh_database(postgres, name))
     monkeypatch.setenv("DATABASE_PASSWORD", postgres.password)
     monkeypatch.setenv("END_USER_HASH_KEY", "store-test-secret")
     monkeypatch.setenv("ADMIN_MASTER_KEY", "store-test-master-key")
-    settings = Settings()
+    return Settings()
+
+
+@pytest.fixture
+async def database(infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Database]:
+    settings = settings_for_new_database(infra[0], "store", monkeypatch)
     await apply_migrations(settings)
     db = Database(settings, configure=prepare_connection)
     await db.open()
@@ -138,11 +141,7 @@ async def test_merged_rollups_migration_keeps_every_sum(
     afterwards each rollup (now a view) has the same sums, its merged table one row per group,
     and new delta rows are merged in by the compactor's statement."""
     postgres = infra[0]
-    monkeypatch.setenv("DATABASE_URL", fresh_database(postgres, "merge_migration"))
-    monkeypatch.setenv("DATABASE_PASSWORD", postgres.password)
-    monkeypatch.setenv("END_USER_HASH_KEY", "store-test-secret")
-    monkeypatch.setenv("ADMIN_MASTER_KEY", "store-test-master-key")
-    settings = Settings()
+    settings = settings_for_new_database(postgres, "merge_migration", monkeypatch)
     await apply_migrations(settings, until=15)
     hour = datetime(2026, 11, 3, 10, tzinfo=UTC)
     sums = ", ".join(ROLLUP_SUMS)

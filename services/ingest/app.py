@@ -35,6 +35,7 @@ LAG = Histogram(
 )
 
 
+_YIELD_EVERY = 200
 _DUPLICATE = "an event with this requestId and eventTime is already recorded"
 
 
@@ -64,7 +65,11 @@ class Ingestor:
         book = self._prices.book
         checked: list[ValidEvent | Rejected] = []
         candidates: list[ValidEvent] = []
-        for event in events:
+        for number, event in enumerate(events):
+            if number and number % _YIELD_EVERY == 0:
+                # A batch's validation is tens of milliseconds of CPU: let the transactions and
+                # streams waiting on I/O go on in between (a COPY in progress waits for the loop).
+                await asyncio.sleep(0)
             try:
                 valid = validate(event, now, self._policy, book)
             except Rejected as exc:
