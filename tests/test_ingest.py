@@ -96,6 +96,25 @@ def test_replayed_batch_changes_nothing(
         assert raw_totals(stack, factory.keys) == totals
 
 
+def test_repeats_inside_one_batch_count_once_per_request_id_and_event_time(
+    stack: Stack, stub: ingest_pb2_grpc.IngestServiceStub, prices: list[TestPrice]
+) -> None:
+    """An identity is (request id, event time): the same id at another time is another event."""
+    factory = factory_for(prices, seed=14)
+    t1 = recent(hours=1).replace(microsecond=0)  # whole seconds: equal times share one object
+    t2 = t1 + timedelta(microseconds=250)
+    a1, a2, b1 = factory.event(t1), factory.event(t2), factory.event(t1)
+    a2.request_id = a1.request_id
+    batch = [a1, a1, a2, a2, b1, a1]
+    result = send(stack, stub, batch)
+    assert [r.status for r in result.results] == [
+        "accepted", "duplicate", "accepted", "duplicate", "accepted", "duplicate"
+    ]  # fmt: skip
+    assert (result.accepted, result.duplicate) == (3, 3)
+    again = send(stack, stub, batch)
+    assert (again.accepted, again.duplicate) == (0, 6)
+
+
 def test_bad_items_are_rejected_precisely_and_the_rest_stored(
     stack: Stack, stub: ingest_pb2_grpc.IngestServiceStub, prices: list[TestPrice]
 ) -> None:

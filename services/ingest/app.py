@@ -80,7 +80,11 @@ class Ingestor:
         written = await self._store.write(candidates)
         not_new = written.not_new
         accepted: list[ValidEvent] = []
-        seen: set[tuple[str, datetime]] = set()
+        # An identity is (request id, event time). The batch's first event time per request id is
+        # kept by id (a string's hash is cached; an aware datetime's is computed every time), and
+        # further times of the same id, rare, as identities.
+        first_time: dict[str, datetime] = {}
+        more: set[tuple[str, datetime]] = set()
         batch = ingest_pb2.RecordUsageBatchResult()
         add = batch.results.add
         for index, (event, outcome) in enumerate(zip(events, checked, strict=True)):
@@ -88,13 +92,21 @@ class Ingestor:
                 reason, field = outcome.reason, outcome.field
                 add(index=index, request_id=event.request_id, status="rejected", reason=reason, field=field)
                 continue
-            identity = outcome.identity
-            if identity not in not_new and identity not in seen:
-                seen.add(identity)
+            request_id, at = outcome.request_id, outcome.event_time
+            new = not not_new or (request_id, at) not in not_new
+            if new:
+                first = first_time.get(request_id)
+                if first is None:
+                    first_time[request_id] = at
+                elif first == at or (request_id, at) in more:
+                    new = False
+                else:
+                    more.add((request_id, at))
+            if new:
                 accepted.append(outcome)
-                add(index=index, request_id=event.request_id, status="accepted")
+                add(index=index, request_id=request_id, status="accepted")
             else:
-                add(index=index, request_id=event.request_id, status="duplicate", reason=_DUPLICATE)
+                add(index=index, request_id=request_id, status="duplicate", reason=_DUPLICATE)
         rejected = len(events) - len(candidates)
         duplicate = len(candidates) - len(accepted)
         EVENTS.labels("accepted").inc(len(accepted))

@@ -132,7 +132,8 @@ def _event_time(seconds: int, nanos: int) -> datetime:
         if len(_seconds) >= _CACHE_LIMIT:
             _seconds.clear()
         _seconds[seconds] = base
-    return base.replace(microsecond=nanos // 1000) if nanos >= 1000 else base
+    # timedelta(0, 0, us) positionally: half the cost of base.replace(microsecond=...).
+    return base + timedelta(0, 0, nanos // 1000) if nanos >= 1000 else base
 
 
 def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, prices: PriceBook) -> ValidEvent:
