@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg._copy_base import format_row_binary
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
 
 from services.ingest.events import IngestPolicy, ValidEvent, validate
 from services.ingest.pricing import PriceBook
-from services.ingest.store import UsageStore, _Waiting, prepare_connection
+from services.ingest.store import RowEncoder, UsageStore, _Waiting, prepare_connection
 from tally.devstack import Postgres, Redis
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations
-from tally.usage.schema import HOURLY, ROLLUP_SUMS
+from tally.usage.schema import COPY_TYPES, HOURLY, ROLLUP_SUMS
 from tests.conftest import fresh_database
 from tests.usage_support import EventFactory, recent
 
@@ -192,3 +197,20 @@ async def test_merged_rollups_migration_keeps_every_sum(
         await conn.execute(HOURLY.merge_sql())
         assert await one(totals.format("usage_rollup_hourly")) == (17, 2_554, 3)
         assert await one("SELECT count(*) FROM usage_rollup_hourly_delta") == (0,)
+
+
+def test_row_encoder_writes_what_psycopg_writes() -> None:
+    """The batch encoder (with its remembered numeric encodings) gives the bytes psycopg's own
+    binary COPY encoding gives, for repeated and new audio-second values alike."""
+    factory = EventFactory(seed=33, models=MODELS)
+    events = valid_events(factory, 40)
+    seconds = [Decimal("0.000"), Decimal("1.500"), Decimal("0.000"), Decimal("12345.678"), Decimal("1.500")]
+    rows = [(*e.row[:12], seconds[i % len(seconds)], *e.row[13:]) for i, e in enumerate(events)]
+    plain = Transformer()
+    plain.set_dumper_types([psycopg.adapters.types.get_oid(t) for t in COPY_TYPES], Format.BINARY)
+    expected = bytearray()
+    for row in rows:
+        format_row_binary(row, plain, expected)
+    encoder = RowEncoder()
+    for _ in range(2):  # the second pass answers from the remembered encodings
+        assert encoder.encode([replace(e, row=row) for e, row in zip(events, rows, strict=True)]) == expected
