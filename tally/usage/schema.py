@@ -90,71 +90,6 @@ class MergedRollup:
         """  # noqa: S608 (constants)
 
 
-@dataclass(frozen=True)
-class RollupTable:
-    """An append-only rollup. `width` is the span the compactor merges at once (an hour or a day;
-    ingest marks those spans dirty); rows are bucketed by `width` too unless `grain` is finer
-    (then a compaction merges every `grain` bucket of one `width` span)."""
-
-    name: str
-    width: timedelta
-    group: tuple[str, ...]
-    sums: tuple[str, ...]
-    grain: timedelta | None = None
-    # Compactions of this table run one at a time (under COMPACTION_LOCK, taken first in their
-    # transaction), and `compact_sql` is this statement instead of the plain merge.
-    exclusive_sql: str | None = None
-    # A table of `width` buckets writers mark for compaction besides leaving duplicate rows.
-    dirty_marks: str | None = None
-
-    def compact_sql(self) -> str:
-        if self.exclusive_sql is not None:
-            return self.exclusive_sql
-        columns = ", ".join(("bucket", *self.group, *self.sums))
-        sums = ", ".join(total(c) for c in self.sums)
-        keys = ", ".join(("bucket", *self.group))
-        where = "bucket = %(bucket)s"
-        if self.grain is not None:
-            where = f"bucket >= %(bucket)s AND bucket < %(bucket)s + {self._span}"
-        return f"""
-            WITH old AS (DELETE FROM {self.name} WHERE {where} RETURNING *)
-            INSERT INTO {self.name} ({columns})
-            SELECT {keys}, {sums} FROM old GROUP BY {keys}
-        """  # noqa: S608 (constants)
-
-    def compact_statements(self, bucket: datetime) -> list[tuple[str, dict[str, object]]]:
-        """What one compaction of `bucket` runs, in order, in one transaction."""
-        merge: tuple[str, dict[str, object]] = (self.compact_sql(), {"bucket": bucket})
-        if self.exclusive_sql is None:
-            return [merge]
-        return [("SELECT pg_advisory_xact_lock(%(lock)s)", {"lock": COMPACTION_LOCK}), merge]
-
-    @property
-    def _span(self) -> str:
-        return f"interval '{int(self.width.total_seconds())} s'"
-
-    def duplicated_buckets_sql(self) -> str:
-        """The `width` spans (from %(since)s on) holding more than one row of some group, and those
-        marked in `dirty_marks`."""
-        keys = ", ".join(self.group)
-        if self.grain is None:
-            found = f"""
-                SELECT bucket FROM {self.name} WHERE bucket >= %(since)s
-                GROUP BY bucket HAVING count(*) > count(DISTINCT ({keys}))"""  # noqa: S608 (constants)
-        else:
-            found = f"""
-                SELECT time_bucket({self._span}, bucket) AS bucket FROM {self.name} WHERE bucket >= %(since)s
-                GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, {keys}))"""  # noqa: S608 (constants)
-        if self.dirty_marks is not None:
-            found += f"\n                UNION SELECT bucket FROM {self.dirty_marks} WHERE bucket >= %(since)s"  # noqa: S608 (constants)
-        return found
-
-    def bucket_of(self, at: datetime) -> datetime:
-        if self.width == timedelta(hours=1):
-            return at.replace(minute=0, second=0, microsecond=0)
-        return at.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
 HOURLY = MergedRollup("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
 DAILY = MergedRollup("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
 FINGERPRINTS = MergedRollup("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
@@ -182,15 +117,33 @@ _PROVIDER_MINUTES_COMPACT = """
     SELECT %(bucket)s, provider, count(*), count(*) FILTER (WHERE server_failures = requests)
     FROM merged WHERE requests > 0 GROUP BY provider
 """
-PROVIDER_MINUTES = RollupTable(
-    "provider_minutes",
-    timedelta(hours=1),
-    ("provider",),
-    ("requests", "server_failures"),
-    timedelta(minutes=1),
-    exclusive_sql=_PROVIDER_MINUTES_COMPACT,
-    dirty_marks="provider_minutes_dirty",
-)
+
+
+@dataclass(frozen=True)
+class ProviderMinutes:
+    """Provider minutes: append-only in one table (`provider_minutes`, one row per minute and
+    provider per batch); ingest marks the hours it appended to in `provider_minutes_dirty`, and
+    a compaction merges one hour, one at a time (under COMPACTION_LOCK)."""
+
+    name: str = "provider_minutes"
+
+    def compact_statements(self, hour: datetime) -> list[tuple[str, dict[str, object]]]:
+        """What one compaction of `hour` runs, in order, in one transaction."""
+        return [
+            ("SELECT pg_advisory_xact_lock(%(lock)s)", {"lock": COMPACTION_LOCK}),
+            (_PROVIDER_MINUTES_COMPACT, {"bucket": hour}),
+        ]
+
+    def duplicated_buckets_sql(self) -> str:
+        """The hours (from %(since)s on) holding more than one row of some minute and provider,
+        and those marked dirty."""
+        return """
+            SELECT time_bucket(interval '1 hour', bucket) AS bucket FROM provider_minutes
+            WHERE bucket >= %(since)s GROUP BY 1 HAVING count(*) > count(DISTINCT (bucket, provider))
+            UNION SELECT bucket FROM provider_minutes_dirty WHERE bucket >= %(since)s"""
+
+
+PROVIDER_MINUTES = ProviderMinutes()
 
 
 def provider_minutes_cte(name: str, source: str, sign: str = "") -> str:
