@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -36,7 +35,18 @@ from tally.runtime.clients import call_metadata
 from tally.runtime.db import Database
 from tally.runtime.errors import NotFound
 from tally.runtime.validation import Violations, require_uuid
-from tally.usage.schema import GLOBAL_GROUP, KEY_GROUP, ROLLUP_GROUP, ROLLUP_SUMS, SMALL_INPUT_TOKENS
+from tally.usage.schema import (
+    DAILY,
+    DAILY_GLOBAL,
+    DAILY_KEY,
+    FINGERPRINTS,
+    HOURLY,
+    HOURLY_GLOBAL,
+    HOURLY_KEY,
+    ROLLUP_SUMS,
+    SMALL_INPUT_TOKENS,
+    MergedRollup,
+)
 
 log = logging.getLogger("tally.ingest.recalc")
 
@@ -102,27 +112,27 @@ def job_message(row: dict[str, Any]) -> ingest_pb2.RecalculationJob:
     return job
 
 
-def _delta_insert(table: str, width: str, group: Sequence[str]) -> str:
-    group_exprs = [_GROUP_SQL.get(g, g) for g in group]
+def _delta_insert(rollup: MergedRollup, width: str) -> str:
+    group_exprs = [_GROUP_SQL.get(g, g) for g in rollup.group]
     sums = [_DELTA_COLUMNS.get(c, "0") for c in ROLLUP_SUMS]
-    columns = ", ".join(("bucket", *group, *ROLLUP_SUMS))
-    by = ", ".join(str(i + 1) for i in range(len(group) + 1))
-    return f"""INSERT INTO {table}_delta ({columns})
+    columns = ", ".join(("bucket", *rollup.group, *ROLLUP_SUMS))
+    by = ", ".join(str(i + 1) for i in range(len(rollup.group) + 1))
+    return f"""INSERT INTO {rollup.delta} ({columns})
         SELECT time_bucket('{width}', event_time), {", ".join(group_exprs)}, {", ".join(sums)}
         FROM recalc_changes GROUP BY {by}"""  # noqa: S608 (constants)
 
 
 _DELTA_SQL = [
-    _delta_insert("usage_rollup_hourly", "1 hour", ROLLUP_GROUP),
-    _delta_insert("usage_rollup_daily", "1 day", ROLLUP_GROUP),
-    _delta_insert("usage_rollup_hourly_global", "1 hour", GLOBAL_GROUP),
-    _delta_insert("usage_rollup_daily_global", "1 day", GLOBAL_GROUP),
-    _delta_insert("usage_rollup_hourly_key", "1 hour", KEY_GROUP),
-    _delta_insert("usage_rollup_daily_key", "1 day", KEY_GROUP),
-    """INSERT INTO prompt_fingerprint_daily_delta (bucket, prompt_fingerprint, provider, model, requests, input_tokens,
+    _delta_insert(HOURLY, "1 hour"),
+    _delta_insert(DAILY, "1 day"),
+    _delta_insert(HOURLY_GLOBAL, "1 hour"),
+    _delta_insert(DAILY_GLOBAL, "1 day"),
+    _delta_insert(HOURLY_KEY, "1 hour"),
+    _delta_insert(DAILY_KEY, "1 day"),
+    f"""INSERT INTO {FINGERPRINTS.delta} (bucket, prompt_fingerprint, provider, model, requests, input_tokens,
                                              cost_micros)
        SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model, 0, 0, sum(new_cost - old_cost)
-       FROM recalc_changes WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4""",
+       FROM recalc_changes WHERE prompt_fingerprint IS NOT NULL GROUP BY 1, 2, 3, 4""",  # noqa: S608 (constants)
 ]
 _CHANGES_TABLE = """CREATE TEMP TABLE recalc_changes (
     event_time timestamptz, request_id text, key_id uuid, provider text, model text, operation text,

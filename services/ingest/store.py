@@ -42,7 +42,9 @@ from tally.runtime.db import Database
 from tally.usage.schema import (
     COLUMNS,
     COPY_TYPES,
+    FINGERPRINTS,
     HISTOGRAM_BOUNDS_SQL,
+    HOURLY,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
     derived_rollup_ctes,
@@ -98,10 +100,10 @@ def _batch_sql(late_threshold_seconds: int) -> str:
         ON CONFLICT DO NOTHING
         RETURNING {_RETURNED}, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb,
                   width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb),
-    {_rollup_insert("hourly", "usage_rollup_hourly_delta", "1 hour", late_threshold_seconds)},
+    {_rollup_insert("hourly", HOURLY.delta, "1 hour", late_threshold_seconds)},
     {derived_rollup_ctes()},
     fingerprints AS (
-        INSERT INTO prompt_fingerprint_daily_delta (bucket, prompt_fingerprint, provider, model, requests,
+        INSERT INTO {FINGERPRINTS.delta} (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)
         SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
                count(*), tally_sum8(input_tokens), coalesce(tally_sum8(cost_micros), 0)

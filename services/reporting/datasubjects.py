@@ -44,7 +44,9 @@ from tally.usage.compaction import compact_provider_minutes, merge_rollups
 from tally.usage.identity import hash_end_user
 from tally.usage.schema import (
     COLUMNS,
+    FINGERPRINTS,
     HISTOGRAM_BOUNDS_SQL,
+    HOURLY,
     ROLLUP_GROUP,
     ROLLUP_SUMS,
     derived_rollup_ctes,
@@ -85,7 +87,7 @@ def removal_sql(source: str, late_threshold_seconds: int) -> str:
         SELECT *, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb
         FROM gone),
     hourly AS (
-        INSERT INTO usage_rollup_hourly_delta ({full})
+        INSERT INTO {HOURLY.delta} ({full})
         SELECT time_bucket('1 hour', event_time), key_id, provider, model, operation,
                (http_status / 100)::text || 'xx', coalesce(error_type, ''),
                {", ".join(negated_aggregates(late_threshold_seconds))}
@@ -93,7 +95,7 @@ def removal_sql(source: str, late_threshold_seconds: int) -> str:
         RETURNING *),
     {derived_rollup_ctes()},
     fingerprints AS (
-        INSERT INTO prompt_fingerprint_daily_delta (bucket, prompt_fingerprint, provider, model, requests,
+        INSERT INTO {FINGERPRINTS.delta} (bucket, prompt_fingerprint, provider, model, requests,
                                               input_tokens, cost_micros)
         SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model,
                -count(*), -sum(input_tokens), -coalesce(sum(cost_micros), 0)

@@ -11,7 +11,7 @@ definition only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
 
@@ -62,7 +62,6 @@ class MergedRollup:
     `delta` (rows appended by writers since the last merge)."""
 
     name: str
-    width: timedelta
     group: tuple[str, ...]
     sums: tuple[str, ...]
 
@@ -90,13 +89,13 @@ class MergedRollup:
         """  # noqa: S608 (constants)
 
 
-HOURLY = MergedRollup("usage_rollup_hourly", timedelta(hours=1), ROLLUP_GROUP, ROLLUP_SUMS)
-DAILY = MergedRollup("usage_rollup_daily", timedelta(days=1), ROLLUP_GROUP, ROLLUP_SUMS)
-FINGERPRINTS = MergedRollup("prompt_fingerprint_daily", timedelta(days=1), FINGERPRINT_GROUP, FINGERPRINT_SUMS)
-HOURLY_GLOBAL = MergedRollup("usage_rollup_hourly_global", timedelta(hours=1), GLOBAL_GROUP, ROLLUP_SUMS)
-DAILY_GLOBAL = MergedRollup("usage_rollup_daily_global", timedelta(days=1), GLOBAL_GROUP, ROLLUP_SUMS)
-HOURLY_KEY = MergedRollup("usage_rollup_hourly_key", timedelta(hours=1), KEY_GROUP, ROLLUP_SUMS)
-DAILY_KEY = MergedRollup("usage_rollup_daily_key", timedelta(days=1), KEY_GROUP, ROLLUP_SUMS)
+HOURLY = MergedRollup("usage_rollup_hourly", ROLLUP_GROUP, ROLLUP_SUMS)
+DAILY = MergedRollup("usage_rollup_daily", ROLLUP_GROUP, ROLLUP_SUMS)
+FINGERPRINTS = MergedRollup("prompt_fingerprint_daily", FINGERPRINT_GROUP, FINGERPRINT_SUMS)
+HOURLY_GLOBAL = MergedRollup("usage_rollup_hourly_global", GLOBAL_GROUP, ROLLUP_SUMS)
+DAILY_GLOBAL = MergedRollup("usage_rollup_daily_global", GLOBAL_GROUP, ROLLUP_SUMS)
+HOURLY_KEY = MergedRollup("usage_rollup_hourly_key", KEY_GROUP, ROLLUP_SUMS)
+DAILY_KEY = MergedRollup("usage_rollup_daily_key", KEY_GROUP, ROLLUP_SUMS)
 MERGED_ROLLUPS = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
 # Compactions that must not run concurrently take this advisory lock (pg_advisory_xact_lock).
 COMPACTION_LOCK = 7_406_391_044
@@ -208,19 +207,19 @@ def derived_rollup_ctes() -> str:
     glob = ", ".join(("bucket", *GLOBAL_GROUP, *ROLLUP_SUMS))
     key = ", ".join(("bucket", *KEY_GROUP, *ROLLUP_SUMS))
     return f"""daily AS (
-        INSERT INTO usage_rollup_daily_delta ({full})
+        INSERT INTO {DAILY.delta} ({full})
         SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {plain} FROM hourly),
     hourly_global AS (
-        INSERT INTO usage_rollup_hourly_global_delta ({glob})
+        INSERT INTO {HOURLY_GLOBAL.delta} ({glob})
         SELECT bucket, {", ".join(GLOBAL_GROUP)}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
         RETURNING *),
     daily_global AS (
-        INSERT INTO usage_rollup_daily_global_delta ({glob})
+        INSERT INTO {DAILY_GLOBAL.delta} ({glob})
         SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {plain} FROM hourly_global),
     hourly_key AS (
-        INSERT INTO usage_rollup_hourly_key_delta ({key})
+        INSERT INTO {HOURLY_KEY.delta} ({key})
         SELECT bucket, key_id, {sums} FROM hourly GROUP BY 1, 2
         RETURNING *),
     daily_key AS (
-        INSERT INTO usage_rollup_daily_key_delta ({key})
+        INSERT INTO {DAILY_KEY.delta} ({key})
         SELECT time_bucket('1 day', bucket), key_id, {plain} FROM hourly_key)"""  # noqa: S608
