@@ -48,7 +48,8 @@ def _compact(conn: psycopg.Connection[Any]) -> dict[str, list[int]]:
     for table in MERGED_ROLLUPS:
         before = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()
         with conn.transaction():
-            conn.execute(table.merge_sql())
+            for statement in table.merge_statements():
+                conn.execute(statement)
         after = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()
         counts[table.name] = [int(before[0]) if before else 0, int(after[0]) if after else 0]
         conn.execute(f"VACUUM ANALYZE {table.merged}")

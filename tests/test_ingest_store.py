@@ -24,6 +24,7 @@ from tally.devstack import Postgres, Redis
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations
+from tally.usage.compaction import merge_rollups
 from tally.usage.schema import COPY_TYPES, HOURLY, ROLLUP_SUMS
 from tests.conftest import fresh_database
 from tests.usage_support import EventFactory, recent
@@ -194,9 +195,62 @@ async def test_merged_rollups_migration_keeps_every_sum(
             (hour,),
         )
         assert await one(totals.format("usage_rollup_hourly")) == (17, 2_554, 5)
-        await conn.execute(HOURLY.merge_sql())
+        await conn.commit()
+        for statement in HOURLY.merge_statements():
+            await conn.execute(statement)
+        await conn.commit()
         assert await one(totals.format("usage_rollup_hourly")) == (17, 2_554, 3)
         assert await one("SELECT count(*) FROM usage_rollup_hourly_delta") == (0,)
+
+
+async def test_a_merge_that_waited_for_another_merges_only_what_that_one_left(
+    database: Database, infra: tuple[Postgres, Redis, Path]
+) -> None:
+    """Two merges of one rollup in a row: the second, blocked while the first holds the lock,
+    must not see the delta rows the first moved (nor miss rows committed while it waited)."""
+    conninfo, password = Settings().database_url, infra[0].password  # the database fixture's
+    sums = ", ".join(ROLLUP_SUMS)
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+    async def append(conn: psycopg.AsyncConnection[Any], requests: int) -> None:
+        values = ", ".join(str(requests if c == "requests" else 0) for c in ROLLUP_SUMS)
+        await conn.execute(
+            f"""INSERT INTO {HOURLY.delta} (bucket, key_id, provider, model, operation, status_class, error_type,
+                    {sums}) VALUES (%s, '00000000-0000-0000-0000-0000000000a1', 'p', 'm', 'chat.completions',
+                    '2xx', '', {values})""",  # noqa: S608
+            (hour,),
+        )
+        await conn.commit()
+
+    async with (
+        await psycopg.AsyncConnection.connect(conninfo, password=password) as first,
+        await psycopg.AsyncConnection.connect(conninfo, password=password) as writer,
+    ):
+        await append(writer, 5)
+        for statement in HOURLY.merge_statements():  # the first merge, left uncommitted
+            await first.execute(statement)
+        second = asyncio.create_task(merge_rollups(database))
+        for _ in range(500):  # until the second merge waits for the lock
+            waiting = await (
+                await writer.execute(
+                    "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted", (HOURLY.delta,)
+                )
+            ).fetchone()
+            await writer.commit()
+            if waiting and waiting[0]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the second merge never waited for the first")
+        await append(writer, 7)  # committed while the second merge waits
+        await first.commit()
+        await second
+        total = await (await writer.execute(f"SELECT sum(requests) FROM {HOURLY.name}")).fetchone()  # noqa: S608
+        merged = await (await writer.execute(f"SELECT sum(requests), count(*) FROM {HOURLY.merged}")).fetchone()  # noqa: S608
+        left = await (await writer.execute(f"SELECT count(*) FROM {HOURLY.delta}")).fetchone()  # noqa: S608
+    assert total == (12,)
+    assert merged == (12, 1)
+    assert left == (0,)
 
 
 def test_row_encoder_writes_what_psycopg_writes() -> None:

@@ -1,10 +1,10 @@
 """Merges the rollups: delta rows into the merged tables, and provider minutes an hour at a time.
 
 Writers append rollup rows to each rollup's delta table; every pass moves all committed delta
-rows into the merged table (`MergedRollup.merge_sql`: one statement, so the sums readers see
-never change) and vacuums the delta table, which therefore stays small: a pass costs what was
-appended since the last one, whatever the size of the buckets. Delta rows a crash left behind
-are merged by the first pass.
+rows into the merged table (`MergedRollup.merge_statements`: one transaction on one snapshot, so
+the sums readers see never change) and vacuums the delta table, which therefore stays small: a
+pass costs what was appended since the last one, whatever the size of the buckets. Delta rows a
+crash left behind are merged by the first pass.
 
 Provider minutes stay append-only in one table: ingest marks the hours it appended to, and the
 compactor rewrites each such hour (DELETE ... RETURNING feeding an aggregated INSERT) together

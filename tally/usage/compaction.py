@@ -19,13 +19,15 @@ async def merge_rollups(db: Database) -> int:
     tables; returns the number of groups written."""
     written = 0
     for table in MERGED_ROLLUPS:
-        async with db.transaction() as conn:
-            # Sorting a pass's delta rows (tens of thousands, ~70 columns) spilled to disk at the
-            # default work_mem; the planner's estimate of the just-vacuumed table is one row.
-            await conn.execute("SET LOCAL work_mem = '256MB'")
-            cursor = await conn.execute(table.merge_sql())
-            written += max(cursor.rowcount, 0)
-            MERGED.labels(table.name).inc(max(cursor.rowcount, 0))
+        async with db.pool.connection() as conn, conn.transaction():
+            *steps, upsert, delete = table.merge_statements()
+            for statement in steps:
+                await conn.execute(statement)
+            cursor = await conn.execute(upsert)
+            await conn.execute(delete)
+            groups = max(cursor.rowcount, 0)
+            written += groups
+            MERGED.labels(table.name).inc(groups)
     # The deleted delta rows are dead tuples until vacuumed: without this, every read of a
     # rollup would scan a delta table grown with them between autovacuum runs.
     async with db.pool.connection() as conn:

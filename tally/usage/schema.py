@@ -73,20 +73,31 @@ class MergedRollup:
     def merged(self) -> str:
         return f"{self.name}_merged"
 
-    def merge_sql(self) -> str:
-        """Moves every committed delta row into the merged table, in one statement: readers see
-        the same sums before and after. Rows committed after its snapshot stay for the next
-        merge; two merges racing each move only the rows they deleted. Groups are upserted in
-        key order, so concurrent merges take row locks in one order."""
+    def merge_statements(self) -> list[str]:
+        """One merge, run in order in a transaction of its own: it moves every delta row
+        committed before it into the merged table. Readers see the same sums before and after.
+
+        REPEATABLE READ: the upsert reads, and the delete removes, exactly the delta rows of one
+        snapshot; rows committed later stay for the next merge. Merges of one rollup run one at a
+        time: the lock is taken before the first query fixes the snapshot (a utility statement
+        takes none), so a merge that waited sees everything the one before it did. The lock lets
+        writers append and readers read. Reading the delta table directly, rather than through
+        a `DELETE ... RETURNING` CTE, spares materializing every delta row (about a third of a
+        merge's cost)."""
         keys = ", ".join(("bucket", *self.group))
         sums = ", ".join(total(c) for c in self.sums)
         added = ", ".join(f"{c} = m.{c} + excluded.{c}" for c in self.sums)
-        return f"""
-            WITH moved AS (DELETE FROM {self.delta} RETURNING *)
-            INSERT INTO {self.merged} AS m ({keys}, {", ".join(self.sums)})
-            SELECT {keys}, {sums} FROM moved GROUP BY {keys} ORDER BY {keys}
-            ON CONFLICT ({", ".join((*self.group, "bucket"))}) DO UPDATE SET {added}
-        """  # noqa: S608 (constants)
+        return [
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            # Sorting a pass's delta rows (tens of thousands, ~70 columns) spilled to disk at the
+            # default work_mem; the planner's estimate of the just-vacuumed table is one row.
+            "SET LOCAL work_mem = '256MB'",
+            f"LOCK TABLE {self.delta} IN SHARE UPDATE EXCLUSIVE MODE",
+            f"""INSERT INTO {self.merged} AS m ({keys}, {", ".join(self.sums)})
+                SELECT {keys}, {sums} FROM {self.delta} GROUP BY {keys} ORDER BY {keys}
+                ON CONFLICT ({", ".join((*self.group, "bucket"))}) DO UPDATE SET {added}""",  # noqa: S608 (constants)
+            f"DELETE FROM {self.delta}",  # noqa: S608 (constants)
+        ]
 
 
 HOURLY = MergedRollup("usage_rollup_hourly", ROLLUP_GROUP, ROLLUP_SUMS)
