@@ -42,18 +42,20 @@ DAYS = 90
 
 
 def _compact(conn: psycopg.Connection[Any]) -> dict[str, list[int]]:
-    """Merges every rollup's delta rows into its merged table (what the ingest compactor does on
-    each pass; the sums are unchanged) and vacuums both."""
+    """Merges every rollup's delta rows into its merged table (and its daily rollup's: what the
+    ingest compactor does on each pass; the sums are unchanged) and vacuums them."""
     counts: dict[str, list[int]] = {}
     for table in MERGED_ROLLUPS:
-        before = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()
+        grains = [table.name] if table.daily is None else [table.name, table.daily.name]
+        before = [conn.execute(f"SELECT count(*) FROM {name}").fetchone() for name in grains]
         with conn.transaction():
             for statement in table.merge_statements():
                 conn.execute(statement)
-        after = conn.execute(f"SELECT count(*) FROM {table.name}").fetchone()
-        counts[table.name] = [int(before[0]) if before else 0, int(after[0]) if after else 0]
-        conn.execute(f"VACUUM ANALYZE {table.merged}")
-        conn.execute(f"VACUUM ANALYZE {table.delta}")
+        for name, was in zip(grains, before, strict=True):
+            now = conn.execute(f"SELECT count(*) FROM {name}").fetchone()
+            counts[name] = [int(was[0]) if was else 0, int(now[0]) if now else 0]
+        for name in (table.merged, table.delta, *([table.daily.merged] if table.daily else [])):
+            conn.execute(f"VACUUM ANALYZE {name}")
     return counts
 
 

@@ -975,7 +975,7 @@ def test_cost_spike_is_detected_on_schedule_once(budget_stack: BudgetStack) -> N
     finally:
         reader.close()
         with budget_stack.db() as conn:
-            for table in ("usage_rollup_hourly_delta", "usage_rollup_hourly_merged"):
+            for table in ("usage_rollup_hourly_delta", "usage_rollup_hourly_merged", "usage_rollup_daily_merged"):
                 conn.execute(f"DELETE FROM {table} WHERE key_id = %s", (key_id,))  # noqa: S608
     assert spike[0].scope == "global"
     assert spike[0].spend_micros >= 1000 * USD

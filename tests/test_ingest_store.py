@@ -173,7 +173,7 @@ async def test_merged_rollups_migration_keeps_every_sum(
                 (hour.replace(hour=0), requests, cost),
             )
         await conn.commit()
-    assert await apply_migrations(settings) == [16, 17]
+    assert await apply_migrations(settings, until=17) == [16, 17]
 
     async with await psycopg.AsyncConnection.connect(settings.database_url, password=postgres.password) as conn:
 
@@ -201,6 +201,71 @@ async def test_merged_rollups_migration_keeps_every_sum(
         await conn.commit()
         assert await one(totals.format("usage_rollup_hourly")) == (17, 2_554, 3)
         assert await one("SELECT count(*) FROM usage_rollup_hourly_delta") == (0,)
+
+
+async def test_daily_rollups_follow_their_hourly_rollups(
+    infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 0018 merges the delta rows pending in both grains (written by the ingest of
+    before: hourly rows and their daily copies) without counting any twice; afterwards hourly
+    delta rows show in the daily view at once, moved to their day, and a merge moves their day
+    sums into the daily merged table: the daily sums stay the same throughout."""
+    postgres = infra[0]
+    settings = settings_for_new_database(postgres, "daily_follows", monkeypatch)
+    await apply_migrations(settings, until=17)
+    day = datetime(2026, 11, 3, tzinfo=UTC)
+    sums = ", ".join(ROLLUP_SUMS)
+    key = "00000000-0000-0000-0000-0000000000d1"
+
+    def values(requests: int) -> str:
+        return ", ".join(str(requests if c in ("requests", "cost_micros") else 0) for c in ROLLUP_SUMS)
+
+    async with await psycopg.AsyncConnection.connect(settings.database_url, password=postgres.password) as conn:
+
+        async def append(table: str, bucket: datetime, requests: int) -> None:
+            await conn.execute(
+                f"""INSERT INTO {table} (bucket, key_id, provider, model, operation, status_class, error_type,
+                        {sums}) VALUES (%s, %s, 'p', 'm', 'chat.completions', '2xx', '', {values(requests)})""",  # noqa: S608
+                (bucket, key),
+            )
+
+        async def by_day(table: str) -> list[tuple[Any, ...]]:
+            cursor = await conn.execute(
+                f"SELECT bucket, sum(requests), sum(cost_micros), count(*) FROM {table} GROUP BY 1 ORDER BY 1"  # noqa: S608
+            )
+            return [tuple(row) for row in await cursor.fetchall()]
+
+        # Before 0018: what an ingest of then wrote, hourly rows and their daily copies.
+        for hours, requests in ((10, 3), (11, 4), (24 + 2, 5)):
+            await append("usage_rollup_hourly_delta", day + timedelta(hours=hours), requests)
+            await append("usage_rollup_daily_delta", day + timedelta(hours=hours // 24 * 24), requests)
+        await conn.commit()
+        assert await apply_migrations(settings) == [18]
+        expected = [(day, 7, 7, 1), (day + timedelta(days=1), 5, 5, 1)]
+        assert await by_day("usage_rollup_daily") == expected
+        assert await by_day("usage_rollup_daily_merged") == expected
+        assert [row[1:3] for row in await by_day("usage_rollup_hourly")] == [(3, 3), (4, 4), (5, 5)]
+
+        # Now writers append hourly rows only; the daily view shows them moved to their day.
+        await append(HOURLY.delta, day + timedelta(hours=13), 6)
+        await append(HOURLY.delta, day + timedelta(hours=14), 1)
+        await conn.commit()
+        expected = [(day, 14, 14, 3), (day + timedelta(days=1), 5, 5, 1)]
+        assert await by_day("usage_rollup_daily") == expected
+        # The merge moves their day sums into the daily merged table: one row per day again.
+        await conn.commit()
+        for statement in HOURLY.merge_statements():
+            await conn.execute(statement)
+        await conn.commit()
+        expected = [(day, 14, 14, 1), (day + timedelta(days=1), 5, 5, 1)]
+        assert await by_day("usage_rollup_daily") == expected
+        assert await by_day("usage_rollup_daily_merged") == expected
+        assert await by_day(HOURLY.delta) == []
+        # The daily and hourly views have the same columns, in the same order.
+        cursor = await conn.execute(
+            "SELECT sum(requests) FROM (SELECT * FROM usage_rollup_daily UNION ALL SELECT * FROM usage_rollup_hourly) u"
+        )
+        assert await cursor.fetchone() == (38,)
 
 
 async def test_a_merge_that_waited_for_another_merges_only_what_that_one_left(

@@ -36,9 +36,6 @@ from tally.runtime.db import Database
 from tally.runtime.errors import NotFound
 from tally.runtime.validation import Violations, require_uuid
 from tally.usage.schema import (
-    DAILY,
-    DAILY_GLOBAL,
-    DAILY_KEY,
     FINGERPRINTS,
     HOURLY,
     HOURLY_GLOBAL,
@@ -112,23 +109,21 @@ def job_message(row: dict[str, Any]) -> ingest_pb2.RecalculationJob:
     return job
 
 
-def _delta_insert(rollup: MergedRollup, width: str) -> str:
+def _delta_insert(rollup: MergedRollup) -> str:
+    """Appends the cost changes to an hourly rollup (its daily rollup follows it)."""
     group_exprs = [_GROUP_SQL.get(g, g) for g in rollup.group]
     sums = [_DELTA_COLUMNS.get(c, "0") for c in ROLLUP_SUMS]
     columns = ", ".join(("bucket", *rollup.group, *ROLLUP_SUMS))
     by = ", ".join(str(i + 1) for i in range(len(rollup.group) + 1))
     return f"""INSERT INTO {rollup.delta} ({columns})
-        SELECT time_bucket('{width}', event_time), {", ".join(group_exprs)}, {", ".join(sums)}
+        SELECT time_bucket('1 hour', event_time), {", ".join(group_exprs)}, {", ".join(sums)}
         FROM recalc_changes GROUP BY {by}"""  # noqa: S608 (constants)
 
 
 _DELTA_SQL = [
-    _delta_insert(HOURLY, "1 hour"),
-    _delta_insert(DAILY, "1 day"),
-    _delta_insert(HOURLY_GLOBAL, "1 hour"),
-    _delta_insert(DAILY_GLOBAL, "1 day"),
-    _delta_insert(HOURLY_KEY, "1 hour"),
-    _delta_insert(DAILY_KEY, "1 day"),
+    _delta_insert(HOURLY),
+    _delta_insert(HOURLY_GLOBAL),
+    _delta_insert(HOURLY_KEY),
     f"""INSERT INTO {FINGERPRINTS.delta} (bucket, prompt_fingerprint, provider, model, requests, input_tokens,
                                              cost_micros)
        SELECT time_bucket('1 day', event_time), prompt_fingerprint, provider, model, 0, 0, sum(new_cost - old_cost)

@@ -8,13 +8,13 @@ fewer rollup rows (a group's events share more rollup groups than one batch's).
 
 Per transaction: binary COPY into a session temp table, then one statement that inserts into the
 hypertable with `ON CONFLICT DO NOTHING` (idempotency on (request_id, event_time)) and, from
-exactly the rows really inserted, appends one rollup row per group to the hourly and daily
-rollups (full dimensions, global without the key, and per key only) and the fingerprint rollup,
-and registers unknown keys. So a replayed event changes nothing anywhere.
+exactly the rows really inserted, appends one rollup row per group to the hourly rollups (full
+dimensions, global without the key, and per key only) and the daily fingerprint rollup, and
+registers unknown keys. So a replayed event changes nothing anywhere.
 Rollup rows are appended to the rollups' delta tables (plain tables: no row is updated, so
 concurrent batches never wait on each other); the compactor (compaction.py) merges them into
-the merged tables. Events are inserted in sorted order so concurrent batches take unique-index
-locks in the same order.
+the merged tables, and the hourly rows' day sums into the daily rollups. Events are inserted
+in sorted order so concurrent batches take unique-index locks in the same order.
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ _RETRIES = 3
 _BOUNDS = HISTOGRAM_BOUNDS_SQL
 _SUM_COLUMNS = ROLLUP_SUMS
 
-_ROLLUP_COLUMNS = ", ".join(("bucket", *ROLLUP_GROUP, *_SUM_COLUMNS))
-# The daily, global and per-key rows of a batch are sums of its hourly rows (cheaper than
+# The global and per-key rows of a batch are sums of its hourly rows (cheaper than
 # re-aggregating events): see tally.usage.schema.derived_rollup_ctes.
 
 SETUP_SQL = """

@@ -4,6 +4,7 @@ Ingest writes `usage_events` and the rollups; analytics, reporting (data-subject
 retention) and re-rating read or correct them. Every reader sums rollup rows, and every writer
 appends delta rows: to `<rollup>_delta`, which the compactor merges into `<rollup>_merged` (one
 row per bucket and group); readers read the view `<rollup>`, the union of both (migration 0016).
+Daily rollups have no delta table: they follow their hourly rollups (DailyRollup, migration 0018).
 Provider minutes are append-only in one table, merged an hour at a time. This module is data
 definition only.
 """
@@ -57,13 +58,39 @@ def total(column: str) -> str:
 
 
 @dataclass(frozen=True)
-class MergedRollup:
-    """A rollup read as the view `name`: `merged` (one row per bucket and group, unique) plus
-    `delta` (rows appended by writers since the last merge)."""
+class DailyRollup:
+    """A daily rollup: the day sums of an hourly rollup, read as the view `name`. It has no
+    delta table of its own: each merge of its hourly rollup adds the day sums of the rows it
+    moves to `merged` (one row per day and group), and the view adds the hourly rollup's delta
+    rows, moved to their day (migration 0018). Writers append hourly rows only."""
 
     name: str
     group: tuple[str, ...]
     sums: tuple[str, ...]
+
+    @property
+    def merged(self) -> str:
+        return f"{self.name}_merged"
+
+
+def _upsert(table: str, keys: str, group: tuple[str, ...], sums: tuple[str, ...], rows: str) -> str:
+    """INSERT of `rows` (`keys` then `sums`, one row per key) into `table` (alias m), adding the
+    sums of a group already there. In key order: concurrent upserts take row locks in one order."""
+    added = ", ".join(f"{c} = m.{c} + excluded.{c}" for c in sums)
+    return f"""INSERT INTO {table} AS m ({keys}, {", ".join(sums)}) {rows}
+        ON CONFLICT ({", ".join((*group, "bucket"))}) DO UPDATE SET {added}"""
+
+
+@dataclass(frozen=True)
+class MergedRollup:
+    """A rollup read as the view `name`: `merged` (one row per bucket and group, unique) plus
+    `delta` (rows appended by writers since the last merge). An hourly rollup feeds its `daily`
+    one when merged."""
+
+    name: str
+    group: tuple[str, ...]
+    sums: tuple[str, ...]
+    daily: DailyRollup | None = None
 
     @property
     def delta(self) -> str:
@@ -75,7 +102,9 @@ class MergedRollup:
 
     def merge_statements(self) -> list[str]:
         """One merge, run in order in a transaction of its own: it moves every delta row
-        committed before it into the merged table. Readers see the same sums before and after.
+        committed before it into the merged table (and their day sums into the daily rollup's).
+        Readers see the same sums before and after. The statement before last is the upsert
+        (its row count: the groups written), the last one the delete.
 
         REPEATABLE READ: the upsert reads, and the delete removes, exactly the delta rows of one
         snapshot; rows committed later stay for the next merge. Merges of one rollup run one at a
@@ -86,28 +115,38 @@ class MergedRollup:
         merge's cost)."""
         keys = ", ".join(("bucket", *self.group))
         sums = ", ".join(total(c) for c in self.sums)
-        added = ", ".join(f"{c} = m.{c} + excluded.{c}" for c in self.sums)
+        named = ", ".join(f"{total(c)} AS {c}" for c in self.sums)
+        grouped = f"SELECT {keys}, {named} FROM {self.delta} GROUP BY {keys}"  # noqa: S608 (constants)
+        if self.daily is None:
+            upsert = _upsert(self.merged, keys, self.group, self.sums, f"{grouped} ORDER BY {keys}")
+        else:
+            day = f"time_bucket('1 day', bucket), {', '.join(self.group)}"
+            positions = ", ".join(str(i + 1) for i in range(len(self.group) + 1))
+            days = f"SELECT {day}, {sums} FROM moved GROUP BY {positions} ORDER BY {positions}"  # noqa: S608
+            hours = f"SELECT * FROM moved ORDER BY {keys}"  # noqa: S608 (constants)
+            upsert = f"""WITH moved AS MATERIALIZED ({grouped}),
+                daily AS ({_upsert(self.daily.merged, keys, self.group, self.sums, days)})
+                {_upsert(self.merged, keys, self.group, self.sums, hours)}"""
         return [
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
             # Sorting a pass's delta rows (tens of thousands, ~70 columns) spilled to disk at the
             # default work_mem; the planner's estimate of the just-vacuumed table is one row.
             "SET LOCAL work_mem = '256MB'",
             f"LOCK TABLE {self.delta} IN SHARE UPDATE EXCLUSIVE MODE",
-            f"""INSERT INTO {self.merged} AS m ({keys}, {", ".join(self.sums)})
-                SELECT {keys}, {sums} FROM {self.delta} GROUP BY {keys} ORDER BY {keys}
-                ON CONFLICT ({", ".join((*self.group, "bucket"))}) DO UPDATE SET {added}""",  # noqa: S608 (constants)
+            upsert,
             f"DELETE FROM {self.delta}",  # noqa: S608 (constants)
         ]
 
 
-HOURLY = MergedRollup("usage_rollup_hourly", ROLLUP_GROUP, ROLLUP_SUMS)
-DAILY = MergedRollup("usage_rollup_daily", ROLLUP_GROUP, ROLLUP_SUMS)
+DAILY = DailyRollup("usage_rollup_daily", ROLLUP_GROUP, ROLLUP_SUMS)
+DAILY_GLOBAL = DailyRollup("usage_rollup_daily_global", GLOBAL_GROUP, ROLLUP_SUMS)
+DAILY_KEY = DailyRollup("usage_rollup_daily_key", KEY_GROUP, ROLLUP_SUMS)
+HOURLY = MergedRollup("usage_rollup_hourly", ROLLUP_GROUP, ROLLUP_SUMS, DAILY)
+HOURLY_GLOBAL = MergedRollup("usage_rollup_hourly_global", GLOBAL_GROUP, ROLLUP_SUMS, DAILY_GLOBAL)
+HOURLY_KEY = MergedRollup("usage_rollup_hourly_key", KEY_GROUP, ROLLUP_SUMS, DAILY_KEY)
 FINGERPRINTS = MergedRollup("prompt_fingerprint_daily", FINGERPRINT_GROUP, FINGERPRINT_SUMS)
-HOURLY_GLOBAL = MergedRollup("usage_rollup_hourly_global", GLOBAL_GROUP, ROLLUP_SUMS)
-DAILY_GLOBAL = MergedRollup("usage_rollup_daily_global", GLOBAL_GROUP, ROLLUP_SUMS)
-HOURLY_KEY = MergedRollup("usage_rollup_hourly_key", KEY_GROUP, ROLLUP_SUMS)
-DAILY_KEY = MergedRollup("usage_rollup_daily_key", KEY_GROUP, ROLLUP_SUMS)
-MERGED_ROLLUPS = (HOURLY, DAILY, FINGERPRINTS, HOURLY_GLOBAL, DAILY_GLOBAL, HOURLY_KEY, DAILY_KEY)
+# The rollups with delta tables, each merged by its own merge (the daily rollups by their hourly's).
+MERGED_ROLLUPS = (HOURLY, FINGERPRINTS, HOURLY_GLOBAL, HOURLY_KEY)
 # Compactions that must not run concurrently take this advisory lock (pg_advisory_xact_lock).
 COMPACTION_LOCK = 7_406_391_044
 
@@ -205,32 +244,17 @@ HISTOGRAM_BOUNDS_SQL = "ARRAY[" + ",".join(str(int(b)) for b in UPPER_BOUNDS_MS[
 
 
 def derived_rollup_ctes() -> str:
-    """CTEs appending the daily, global and per-key rollup rows derived from a CTE `hourly` that
+    """CTEs appending the global and per-key hourly rollup rows derived from a CTE `hourly` that
     holds the full hourly rollup rows just appended (`INSERT ... RETURNING *`). Whatever those
     rows are (a batch's sums, or a delete's negated sums), the derived rows are their sums, so
-    every grain stays equal to the raw events. A daily row is its hourly row moved to its day,
-    not merged with the day's other hours: the rollups are append-only and the compactor merges
-    each day, and merging here would aggregate every column of rows that within one batch rarely
-    share a day group (live traffic spans minutes). Ends without a trailing comma."""
+    every grain stays equal to the raw events (the daily rollups follow their hourly ones: see
+    DailyRollup). Ends without a trailing comma."""
     sums = ", ".join(total(c) for c in ROLLUP_SUMS)
-    plain = ", ".join(ROLLUP_SUMS)
-    full = ", ".join(("bucket", *ROLLUP_GROUP, *ROLLUP_SUMS))
     glob = ", ".join(("bucket", *GLOBAL_GROUP, *ROLLUP_SUMS))
     key = ", ".join(("bucket", *KEY_GROUP, *ROLLUP_SUMS))
-    return f"""daily AS (
-        INSERT INTO {DAILY.delta} ({full})
-        SELECT time_bucket('1 day', bucket), {", ".join(ROLLUP_GROUP)}, {plain} FROM hourly),
-    hourly_global AS (
+    return f"""hourly_global AS (
         INSERT INTO {HOURLY_GLOBAL.delta} ({glob})
-        SELECT bucket, {", ".join(GLOBAL_GROUP)}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6
-        RETURNING *),
-    daily_global AS (
-        INSERT INTO {DAILY_GLOBAL.delta} ({glob})
-        SELECT time_bucket('1 day', bucket), {", ".join(GLOBAL_GROUP)}, {plain} FROM hourly_global),
+        SELECT bucket, {", ".join(GLOBAL_GROUP)}, {sums} FROM hourly GROUP BY 1, 2, 3, 4, 5, 6),
     hourly_key AS (
         INSERT INTO {HOURLY_KEY.delta} ({key})
-        SELECT bucket, key_id, {sums} FROM hourly GROUP BY 1, 2
-        RETURNING *),
-    daily_key AS (
-        INSERT INTO {DAILY_KEY.delta} ({key})
-        SELECT time_bucket('1 day', bucket), key_id, {plain} FROM hourly_key)"""  # noqa: S608
+        SELECT bucket, key_id, {sums} FROM hourly GROUP BY 1, 2)"""  # noqa: S608
