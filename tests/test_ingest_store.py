@@ -140,6 +140,39 @@ async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_proce
     assert row[0] == 200
 
 
+async def test_a_group_registers_only_keys_not_yet_registered_by_a_committed_group(database: Database) -> None:
+    """Unknown keys are registered in the group's transaction; the store then remembers them and
+    later groups pass none of them again. A group that fails leaves its keys unremembered, so
+    the next group with them registers them."""
+    factory = EventFactory(seed=34, models=MODELS)
+    events = valid_events(factory, 300)
+    keys = {e.key_id for e in events}
+    store = UsageStore(database, late_threshold_seconds=300, writers=1)
+    write_once = store._write_once
+    passed: list[set[Any]] = []
+
+    async def recording(encoded: list[bytearray], new_keys: set[Any]) -> tuple[set[tuple[str, datetime]], int]:
+        passed.append(set(new_keys))
+        if len(passed) == 1:
+            raise psycopg.OperationalError("connection lost")
+        return await write_once(encoded, new_keys)
+
+    async def registered() -> set[Any]:
+        async with database.transaction() as conn:
+            cursor = await conn.execute("SELECT key_id FROM virtual_keys WHERE key_id = ANY(%s)", (list(keys),))
+            return {row[0] for row in await cursor.fetchall()}
+
+    store._write_once = recording  # type: ignore[method-assign]
+    failed = await asyncio.gather(store.write(events[:100]), return_exceptions=True)
+    assert isinstance(failed[0], psycopg.OperationalError)
+    assert await registered() == set()
+    await store.write(events[100:200])
+    await store.write(events[200:])
+    assert len(keys) == 4  # the factory's keys, each in every slice of 100 events
+    assert passed == [keys, keys, set()]  # the failed group's keys are passed again, then none
+    assert await registered() == keys
+
+
 async def test_merged_rollups_migration_keeps_every_sum(
     infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ from tally.usage.schema import (
 log = logging.getLogger("tally.ingest.store")
 
 _RETRIES = 3
+# Most keys remembered as registered (beyond it the memory starts again).
+_REGISTERED_LIMIT = 1_000_000
 
 _BOUNDS = HISTOGRAM_BOUNDS_SQL
 _SUM_COLUMNS = ROLLUP_SUMS
@@ -91,8 +94,9 @@ _RETURNED = ", ".join(
 
 
 def _batch_sql(late_threshold_seconds: int) -> str:
-    """One statement: insert new events, append their rollups, register keys, and return the
-    identities that were not inserted (already stored: usually none, so little comes back)."""
+    """One statement: insert new events, append their rollups, register the keys in
+    %(new_keys)s (those of the group not known to be registered), and return the identities
+    that were not inserted (already stored: usually none, so little comes back)."""
     return f"""
     WITH ins AS (
         INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY request_id, event_time
@@ -110,7 +114,7 @@ def _batch_sql(late_threshold_seconds: int) -> str:
     {provider_minutes_cte("minutes", "ins")},
     keys AS (
         INSERT INTO virtual_keys (key_id, key_name)
-        SELECT k.key_id, k.key_id::text FROM (SELECT DISTINCT key_id FROM ins) k ORDER BY k.key_id
+        SELECT k.id, k.id::text FROM unnest(%(new_keys)s::uuid[]) AS k (id) ORDER BY 1
         ON CONFLICT (key_id) DO NOTHING)
     SELECT s.request_id, s.event_time FROM ingest_staging s
     WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.request_id = s.request_id AND ins.event_time = s.event_time)
@@ -202,6 +206,10 @@ class UsageStore:
         self._writers = writers
         self._group_events = group_events
         self._encoder = RowEncoder()
+        # Keys known to be in virtual_keys (registered by a committed group; keys are never
+        # deleted): a group registers only its other keys, usually none, instead of one
+        # conflicting insert per key and group.
+        self._registered: set[uuid.UUID] = set()
         self._queue: deque[_Waiting] = deque()
         self._active = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -278,16 +286,22 @@ class UsageStore:
                     else:
                         waiting.not_new.add(identity)
             encoded = [self._encoder.encode(combined)]
+        new_keys = {event.key_id for waiting in group for event in waiting.events} - self._registered
         for attempt in range(1, _RETRIES + 1):
             try:
-                return await self._write_once(encoded)
+                written = await self._write_once(encoded, new_keys)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 if attempt == _RETRIES:
                     raise
                 log.warning("batch write retried after a lock conflict", extra={"attempt": attempt})
+                continue
+            if len(self._registered) + len(new_keys) > _REGISTERED_LIMIT:
+                self._registered.clear()
+            self._registered |= new_keys
+            return written
         raise AssertionError("unreachable")
 
-    async def _write_once(self, encoded: list[bytearray]) -> tuple[set[Identity], int]:
+    async def _write_once(self, encoded: list[bytearray], new_keys: set[uuid.UUID]) -> tuple[set[Identity], int]:
         """Returns the identities not inserted and the transaction's id."""
         async with self._db.transaction() as conn, conn.cursor() as cur:
             async with cur.copy(self._copy_sql) as copy:
@@ -295,7 +309,7 @@ class UsageStore:
                 for rows in encoded:
                     await copy.write(rows)
                 await copy.write(_COPY_TRAILER)
-            await cur.execute(self._batch_sql)
+            await cur.execute(self._batch_sql, {"new_keys": list(new_keys)})
             not_new = {(row[0], row[1]) for row in await cur.fetchall()}
             await cur.execute("SELECT pg_current_xact_id()::text")
             row = await cur.fetchone()
