@@ -54,7 +54,7 @@ def _compact(conn: psycopg.Connection[Any]) -> dict[str, list[int]]:
         for name, was in zip(grains, before, strict=True):
             now = conn.execute(f"SELECT count(*) FROM {name}").fetchone()
             counts[name] = [int(was[0]) if was else 0, int(now[0]) if now else 0]
-        for name in (table.merged, table.delta, *([table.daily.merged] if table.daily else [])):
+        for name in table.tables:
             conn.execute(f"VACUUM ANALYZE {name}")
     return counts
 

@@ -44,6 +44,7 @@ from tally.devstack import (
 )
 from tally.notify import sign_webhook
 from tally.runtime.config import ServiceName, Settings
+from tally.usage.schema import HOURLY
 from tests.conftest import stack_env
 from tests.test_notify import HttpReceiver, SmtpServer, fresh_database, wait_until
 
@@ -975,7 +976,7 @@ def test_cost_spike_is_detected_on_schedule_once(budget_stack: BudgetStack) -> N
     finally:
         reader.close()
         with budget_stack.db() as conn:
-            for table in ("usage_rollup_hourly_delta", "usage_rollup_hourly_merged", "usage_rollup_daily_merged"):
+            for table in HOURLY.tables:
                 conn.execute(f"DELETE FROM {table} WHERE key_id = %s", (key_id,))  # noqa: S608
     assert spike[0].scope == "global"
     assert spike[0].spend_micros >= 1000 * USD

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from tally.usage.schema import HOURLY
 from tests.conftest import Stack
 
 
@@ -232,7 +233,7 @@ def test_pipeline_health_detects_a_rollup_that_disagrees_with_raw_events(stack: 
             with stack.http() as client:
                 data = client.get("/api/admin/analytics/pipeline-health").json()["data"]
         finally:
-            for table in ("usage_rollup_hourly_delta", "usage_rollup_hourly_merged", "usage_rollup_daily_merged"):
+            for table in HOURLY.tables:
                 conn.execute(f"DELETE FROM {table} WHERE key_id = %s", (key,))  # noqa: S608
     assert data["rollupConsistency"]["status"] == "inconsistent"
     assert data["status"] == "degraded"

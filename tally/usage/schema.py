@@ -100,6 +100,11 @@ class MergedRollup:
     def merged(self) -> str:
         return f"{self.name}_merged"
 
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """Every table holding this rollup's rows or their day sums: delta, merged, daily merged."""
+        return (self.delta, self.merged, *((self.daily.merged,) if self.daily else ()))
+
     def merge_statements(self) -> list[str]:
         """One merge, run in order in a transaction of its own: it moves every delta row
         committed before it into the merged table (and their day sums into the daily rollup's).
@@ -114,19 +119,17 @@ class MergedRollup:
         a `DELETE ... RETURNING` CTE, spares materializing every delta row (about a third of a
         merge's cost)."""
         keys = ", ".join(("bucket", *self.group))
-        sums = ", ".join(total(c) for c in self.sums)
         named = ", ".join(f"{total(c)} AS {c}" for c in self.sums)
-        grouped = f"SELECT {keys}, {named} FROM {self.delta} GROUP BY {keys}"  # noqa: S608 (constants)
-        if self.daily is None:
-            upsert = _upsert(self.merged, keys, self.group, self.sums, f"{grouped} ORDER BY {keys}")
-        else:
-            day = f"time_bucket('1 day', bucket), {', '.join(self.group)}"
+        # `moved`: the delta rows grouped; inlined into the upsert unless the daily upsert reads
+        # it too (a CTE read twice is materialized once).
+        ctes = [f"moved AS (SELECT {keys}, {named} FROM {self.delta} GROUP BY {keys})"]  # noqa: S608 (constants)
+        if self.daily is not None:
             positions = ", ".join(str(i + 1) for i in range(len(self.group) + 1))
-            days = f"SELECT {day}, {sums} FROM moved GROUP BY {positions} ORDER BY {positions}"  # noqa: S608
-            hours = f"SELECT * FROM moved ORDER BY {keys}"  # noqa: S608 (constants)
-            upsert = f"""WITH moved AS MATERIALIZED ({grouped}),
-                daily AS ({_upsert(self.daily.merged, keys, self.group, self.sums, days)})
-                {_upsert(self.merged, keys, self.group, self.sums, hours)}"""
+            days = f"""SELECT time_bucket('1 day', bucket), {", ".join(self.group)}, {", ".join(map(total, self.sums))}
+                FROM moved GROUP BY {positions} ORDER BY {positions}"""  # noqa: S608 (constants)
+            ctes.append(f"daily AS ({_upsert(self.daily.merged, keys, self.group, self.sums, days)})")
+        hours = f"SELECT * FROM moved ORDER BY {keys}"  # noqa: S608 (constants)
+        upsert = f"WITH {', '.join(ctes)} {_upsert(self.merged, keys, self.group, self.sums, hours)}"
         return [
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
             # Sorting a pass's delta rows (tens of thousands, ~70 columns) spilled to disk at the
