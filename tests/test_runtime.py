@@ -196,3 +196,28 @@ def test_graceful_shutdown_finishes_in_flight_calls(stack: Stack) -> None:
         if process.poll() is None:
             process.kill()
         subprocess.run(["true"], check=True)
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Components pick ports before binding them, so the kernel may offer a picked port again:
+    free_port() skips the ports it handed out before."""
+    import tally.devstack as devstack
+
+    offered = iter([47_001, 47_001, 47_001, 47_002])
+
+    class Offering:
+        def __enter__(self) -> Offering:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, address: tuple[str, int]) -> None:
+            assert address == ("127.0.0.1", 0)
+
+        def getsockname(self) -> tuple[str, int]:
+            return "127.0.0.1", next(offered)
+
+    monkeypatch.setattr(devstack, "_handed_out", set())
+    monkeypatch.setattr("tally.devstack.socket.socket", Offering)
+    assert (devstack.free_port(), devstack.free_port()) == (47_001, 47_002)
