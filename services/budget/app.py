@@ -390,7 +390,12 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         """Answers each call as soon as it is decided (see `_RequestPathStream`): calls in flight on
         many streams are batched into the same Redis round trips, as unary calls are, the answers
         ready together go out in one message, and a call's error is sent as its answer instead of
-        ending the stream."""
+        ending the stream.
+
+        Initial metadata goes out at once, once the caller is admitted: a client waits for it
+        before its first write, so a refused stream reports its status (grpc aio overwrites the
+        status with INTERNAL when a write races the server's end of the stream: grpc#36066)."""
+        await context.send_initial_metadata(())
         stream = _RequestPathStream(self, context)
         reader = asyncio.create_task(stream.read(request_iterator))
         try:

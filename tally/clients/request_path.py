@@ -166,6 +166,10 @@ class RequestPathClient:
     async def _write(self, stream: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
+            # The server sends its initial metadata once it has admitted the stream (or ends it
+            # with its status): writing only after that keeps a refusal's status, which grpc aio
+            # replaces with INTERNAL when a write races the end of the stream (grpc#36066).
+            await stream.initial_metadata()
             while True:
                 if not self._outgoing.calls:
                     self._wake = loop.create_future()
