@@ -273,7 +273,7 @@ async def test_daily_rollups_follow_their_hourly_rollups(
             await append("usage_rollup_hourly_delta", day + timedelta(hours=hours), requests)
             await append("usage_rollup_daily_delta", day + timedelta(hours=hours // 24 * 24), requests)
         await conn.commit()
-        assert await apply_migrations(settings) == [18]
+        assert await apply_migrations(settings, until=18) == [18]
         expected = [(day, 7, 7, 1), (day + timedelta(days=1), 5, 5, 1)]
         assert await by_day("usage_rollup_daily") == expected
         assert await by_day("usage_rollup_daily_merged") == expected
@@ -299,6 +299,51 @@ async def test_daily_rollups_follow_their_hourly_rollups(
             "SELECT sum(requests) FROM (SELECT * FROM usage_rollup_daily UNION ALL SELECT * FROM usage_rollup_hourly) u"
         )
         assert await cursor.fetchone() == (38,)
+
+
+async def test_events_stored_before_the_time_first_index_stay_idempotent(
+    infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 0019 replaces the raw table's two B-trees (unique (request_id, event_time) and
+    the default event_time index) by one unique (event_time, request_id): events stored before
+    it are still recognised when sent again, and time reads use the new index."""
+    postgres = infra[0]
+    settings = settings_for_new_database(postgres, "time_first_index", monkeypatch)
+    await apply_migrations(settings, until=18)
+    factory = EventFactory(seed=19, models=MODELS)
+    events = valid_events(factory, 300)
+    before, after = events[:200], events[100:]  # 100 events in both
+    db = Database(settings, configure=prepare_connection)
+    await db.open()
+    try:
+        first = await UsageStore(db, late_threshold_seconds=300).write(before)
+        assert first.not_new == set()
+    finally:
+        await db.close()
+    assert await apply_migrations(settings) == [19]
+
+    db = Database(settings, configure=prepare_connection)
+    await db.open()
+    try:
+        second = await UsageStore(db, late_threshold_seconds=300).write(after)
+        assert second.not_new == {e.identity for e in events[100:200]}
+        stored = await db.fetch_one(
+            "SELECT count(*) AS n, count(DISTINCT (request_id, event_time)) AS d FROM usage_events"
+        )
+        assert stored is not None and stored["n"] == stored["d"] == len({e.identity for e in events})
+        rows = await db.fetch_all(
+            """SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'usage_events' ORDER BY 1"""
+        )
+        assert [(r["indexname"], "UNIQUE" in r["indexdef"]) for r in rows] == [
+            ("usage_events_ingested_brin", False),
+            ("usage_events_time_request_uq", True),
+        ]
+        async with db.transaction() as conn:
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            plan = await (await conn.execute("EXPLAIN SELECT max(event_time) FROM usage_events")).fetchall()
+            assert "usage_events_time_request_uq" in "\n".join(row[0] for row in plan)
+    finally:
+        await db.close()
 
 
 async def test_a_merge_that_waited_for_another_merges_only_what_that_one_left(

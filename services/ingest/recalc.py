@@ -247,7 +247,7 @@ class Recalculator:
                    FROM usage_events
                    WHERE event_time >= %s AND event_time < %s AND cost_source <> 'provider'
                      AND (cardinality(%s::uuid[]) = 0 OR key_id = ANY(%s::uuid[]))
-                   ORDER BY request_id, event_time FOR UPDATE""",
+                   ORDER BY event_time, request_id FOR UPDATE""",
                 (start, start + timedelta(days=1), keys, keys),
             )
             rows = await cur.fetchall()

@@ -7,14 +7,14 @@ instead of per batch costs the database far less per event: fewer statements and
 fewer rollup rows (a group's events share more rollup groups than one batch's).
 
 Per transaction: binary COPY into a session temp table, then one statement that inserts into the
-hypertable with `ON CONFLICT DO NOTHING` (idempotency on (request_id, event_time)) and, from
+hypertable with `ON CONFLICT DO NOTHING` (idempotency on (event_time, request_id)) and, from
 exactly the rows really inserted, appends one rollup row per group to the hourly rollups (full
 dimensions, global without the key, and per key only) and the daily fingerprint rollup, and
 registers unknown keys. So a replayed event changes nothing anywhere.
 Rollup rows are appended to the rollups' delta tables (plain tables: no row is updated, so
 concurrent batches never wait on each other); the compactor (compaction.py) merges them into
 the merged tables, and the hourly rows' day sums into the daily rollups. Events are inserted
-in sorted order so concurrent batches take unique-index locks in the same order.
+in the unique index's order so concurrent batches take its locks in the same order.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _batch_sql(late_threshold_seconds: int) -> str:
     that were not inserted (already stored: usually none, so little comes back)."""
     return f"""
     WITH ins AS (
-        INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY request_id, event_time
+        INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY event_time, request_id
         ON CONFLICT DO NOTHING
         RETURNING {_RETURNED}, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb,
                   width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb),
