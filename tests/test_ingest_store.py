@@ -25,7 +25,7 @@ from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations
 from tally.usage.compaction import merge_rollups
-from tally.usage.schema import COPY_TYPES, HOURLY, ROLLUP_SUMS
+from tally.usage.schema import COPY_TYPES, HOURLY, MERGED_ROLLUPS, ROLLUP_SUMS
 from tests.conftest import fresh_database
 from tests.usage_support import EventFactory, recent
 
@@ -320,7 +320,7 @@ async def test_events_stored_before_the_time_first_index_stay_idempotent(
         assert first.not_new == set()
     finally:
         await db.close()
-    assert await apply_migrations(settings) == [19]
+    assert await apply_migrations(settings, until=19) == [19]
 
     db = Database(settings, configure=prepare_connection)
     await db.open()
@@ -344,6 +344,50 @@ async def test_events_stored_before_the_time_first_index_stay_idempotent(
             assert "usage_events_time_request_uq" in "\n".join(row[0] for row in plan)
     finally:
         await db.close()
+
+
+async def test_merged_rollup_tables_and_their_chunks_keep_room_for_hot_updates(
+    infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 0020 sets fillfactor 70 on every merged rollup table: on the chunks that exist
+    (written before it) and on those created after it, so merges update rows in place (HOT)."""
+    postgres = infra[0]
+    settings = settings_for_new_database(postgres, "merged_fillfactor", monkeypatch)
+    await apply_migrations(settings, until=19)
+    merged = [table for rollup in MERGED_ROLLUPS for table in rollup.tables if not table.endswith("_delta")]
+    sums = ", ".join(ROLLUP_SUMS)
+    zeros = ", ".join("0" for _ in ROLLUP_SUMS)
+    key = "00000000-0000-0000-0000-0000000000f1"
+    async with await psycopg.AsyncConnection.connect(settings.database_url, password=postgres.password) as conn:
+
+        async def merge_hour(bucket: datetime) -> None:
+            await conn.execute(
+                f"""INSERT INTO {HOURLY.delta} (bucket, key_id, provider, model, operation, status_class,
+                        error_type, {sums}) VALUES (%s, %s, 'p', 'm', 'chat.completions', '2xx', '', {zeros})""",  # noqa: S608
+                (bucket, key),
+            )
+            await conn.commit()
+            for statement in HOURLY.merge_statements():
+                await conn.execute(statement)
+            await conn.commit()
+
+        async def fillfactors(table: str) -> set[str]:
+            cursor = await conn.execute(
+                """SELECT coalesce(array_to_string(c.reloptions, ','), '') FROM pg_class c
+                   WHERE c.oid = ANY(ARRAY[%s::regclass] || ARRAY(SELECT show_chunks(%s::regclass)))""",
+                (table, table),
+            )
+            return {row[0] for row in await cursor.fetchall()}
+
+        before = datetime(2026, 11, 3, 10, tzinfo=UTC)
+        await merge_hour(before)  # chunks written before 0020
+        assert await fillfactors(HOURLY.merged) == {""}
+        assert await apply_migrations(settings, until=20) == [20]
+        await merge_hour(before + timedelta(days=30))  # chunks created after 0020
+        for table in merged:
+            assert await fillfactors(table) == {"fillfactor=70"}, table
+        cursor = await conn.execute("SELECT count(*) FROM show_chunks(%s::regclass)", (HOURLY.merged,))
+        assert await cursor.fetchone() == (2,)
 
 
 async def test_a_merge_that_waited_for_another_merges_only_what_that_one_left(
