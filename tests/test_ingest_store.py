@@ -24,7 +24,7 @@ from tally.devstack import Postgres, Redis
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations
-from tally.usage.compaction import merge_rollups
+from tally.usage.compaction import compact_provider_minutes, merge_rollups
 from tally.usage.schema import COPY_TYPES, HOURLY, MERGED_ROLLUPS, ROLLUP_SUMS
 from tests.conftest import fresh_database
 from tests.usage_support import EventFactory, recent
@@ -388,6 +388,48 @@ async def test_merged_rollup_tables_and_their_chunks_keep_room_for_hot_updates(
             assert await fillfactors(table) == {"fillfactor=70"}, table
         cursor = await conn.execute("SELECT count(*) FROM show_chunks(%s::regclass)", (HOURLY.merged,))
         assert await cursor.fetchone() == (2,)
+
+
+async def test_provider_minutes_of_many_hours_compact_in_a_few_statements(database: Database) -> None:
+    """A backfill marks hundreds of hours dirty at once: one compaction merges them all, a week of
+    hours per statement, into one row per minute and provider, with each hour's uptime summary
+    equal to a computation from the minute rows, and no mark left for the hours compacted."""
+    start = datetime(2026, 9, 1, tzinfo=UTC)
+    hours = [start + timedelta(hours=h) for h in range(0, 400, 2)]  # 200 hours, over two statements
+    rows = []
+    for number, hour in enumerate(hours):
+        for minute in (0, 1, 59):
+            at = hour + timedelta(minutes=minute)
+            # Two rows for one minute of `a` (two batches); `b` fails every request in minute 1.
+            rows += [(at, "a", 2, 0), (at, "a", 1, number % 2), (at, "b", 3, 3 if minute == 1 else 0)]
+    async with database.transaction() as conn:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO provider_minutes (bucket, provider, requests, server_failures) VALUES (%s, %s, %s, %s)",
+                rows,
+            )
+        await conn.execute("INSERT INTO provider_minutes_dirty (bucket) SELECT unnest(%s::timestamptz[])", (hours,))
+    expected = await database.fetch_all(
+        """SELECT time_bucket('1 hour', bucket) AS hour, provider, count(*) AS minutes,
+                  count(*) FILTER (WHERE failures = requests) AS down
+           FROM (SELECT bucket, provider, sum(requests) AS requests, sum(server_failures) AS failures
+                 FROM provider_minutes GROUP BY 1, 2) m GROUP BY 1, 2 ORDER BY 1, 2"""
+    )
+    assert len(expected) == 400
+
+    assert await compact_provider_minutes(database, reversed(hours)) == 200
+
+    summaries = await database.fetch_all(
+        """SELECT bucket AS hour, provider, minutes, down_minutes AS down FROM provider_uptime_hourly
+           ORDER BY 1, 2"""
+    )
+    assert summaries == expected
+    per_minute = await database.fetch_one(
+        """SELECT max(n) AS most, count(*) AS groups, sum(r) AS requests FROM (
+               SELECT count(*) AS n, sum(requests) AS r FROM provider_minutes GROUP BY bucket, provider) g"""
+    )
+    assert per_minute == {"most": 1, "groups": 200 * 3 * 2, "requests": 200 * 3 * 6}
+    assert await database.fetch_one("SELECT count(*) AS n FROM provider_minutes_dirty") == {"n": 0}
 
 
 async def test_a_merge_that_waited_for_another_merges_only_what_that_one_left(

@@ -1,4 +1,4 @@
-"""Merges the rollups: delta rows into the merged tables, and provider minutes an hour at a time.
+"""Merges the rollups: delta rows into the merged tables, and provider minutes by the hour.
 
 Writers append rollup rows to each rollup's delta table; every pass moves all committed delta
 rows into the merged table (`MergedRollup.merge_statements`: one transaction on one snapshot, so
@@ -7,8 +7,9 @@ pass costs what was appended since the last one, whatever the size of the bucket
 crash left behind are merged by the first pass.
 
 Provider minutes stay append-only in one table: ingest marks the hours it appended to, and the
-compactor rewrites each such hour (DELETE ... RETURNING feeding an aggregated INSERT) together
-with its uptime summary; at start, recent hours with more than one row per minute are swept.
+compactor rewrites those hours, up to a week of them per statement (DELETE ... RETURNING feeding
+an aggregated INSERT), together with their uptime summaries; at start, recent hours with more
+than one row per minute are swept.
 """
 
 from __future__ import annotations
@@ -48,13 +49,11 @@ class Compactor:
     async def compact(self) -> int:
         done = await merge_rollups(self._db)
         hours, self._dirty_hours = self._dirty_hours, set()
-        for hour in sorted(hours):
-            try:
-                await compact_provider_minutes(self._db, hour)
-            except Exception:
-                self._dirty_hours.add(hour)  # try again next round
-                raise
-            done += 1
+        try:
+            done += await compact_provider_minutes(self._db, hours)
+        except Exception:
+            self._dirty_hours |= hours  # try again next round (an hour compacted twice is unchanged)
+            raise
         return done
 
     async def run_forever(self) -> None:

@@ -215,10 +215,7 @@ class DataSubjects:
         """Merges the rollups' delta rows and the touched provider-minute hours, so the negative
         rows do not stay visible as one user's usage."""
         await merge_rollups(self._db)
-        for done, hour in enumerate(sorted(set(hours))):
-            if done >= _MAX_COMPACTIONS:
-                return
-            await compact_provider_minutes(self._db, hour)
+        await compact_provider_minutes(self._db, sorted(set(hours))[:_MAX_COMPACTIONS])
 
     async def _reconcile_budgets(self) -> str:
         if self._channel is None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from prometheus_client import Counter
 from psycopg import sql
 
 from tally.runtime.db import Database
-from tally.usage.schema import MERGED_ROLLUPS, PROVIDER_MINUTES
+from tally.usage.schema import MERGED_ROLLUPS, PROVIDER_MINUTES, PROVIDER_MINUTES_HOURS_PER_COMPACTION
 
 COMPACTED = Counter("tally_rollup_buckets_compacted_total", "Provider-minute hours compacted.", ["table"])
 MERGED = Counter("tally_rollup_groups_merged_total", "Rollup groups written by merges of delta rows.", ["table"])
@@ -40,9 +41,17 @@ async def merge_rollups(db: Database) -> int:
     return written
 
 
-async def compact_provider_minutes(db: Database, hour: datetime) -> None:
-    """Merges an hour of provider minutes and rewrites its uptime summary (one transaction)."""
-    async with db.transaction() as conn:
-        for statement, params in PROVIDER_MINUTES.compact_statements(hour):
-            await conn.execute(statement, params)
-    COMPACTED.labels(PROVIDER_MINUTES.name).inc()
+async def compact_provider_minutes(db: Database, hours: Iterable[datetime]) -> int:
+    """Merges the provider minutes of `hours` (starts of hours) and rewrites their uptime
+    summaries: up to PROVIDER_MINUTES_HOURS_PER_COMPACTION hours per transaction, in order.
+    Returns the hours compacted; on a failure, those of the transactions committed before it
+    stay compacted (the caller retries the others)."""
+    ordered = sorted(set(hours))
+    step = PROVIDER_MINUTES_HOURS_PER_COMPACTION
+    for first in range(0, len(ordered), step):
+        part = ordered[first : first + step]
+        async with db.transaction() as conn:
+            for statement, params in PROVIDER_MINUTES.compact_statements(part):
+                await conn.execute(statement, params)
+        COMPACTED.labels(PROVIDER_MINUTES.name).inc(len(part))
+    return len(ordered)

@@ -11,8 +11,9 @@ definition only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
 
@@ -153,37 +154,44 @@ MERGED_ROLLUPS = (HOURLY, FINGERPRINTS, HOURLY_GLOBAL, HOURLY_KEY)
 # Compactions that must not run concurrently take this advisory lock (pg_advisory_xact_lock).
 COMPACTION_LOCK = 7_406_391_044
 
-# Merges an hour of provider minutes and, in the same statement, rewrites the hour's uptime
-# summary from exactly the rows merged and clears the hour's dirty marks: minute rows (and marks)
-# committed after the statement's snapshot stay, so the hour stays dirty and readers keep using
-# its minute rows. One compaction at a time (two racing ones could each write a summary).
+# Merges hours of provider minutes and, in the same statement, rewrites each hour's uptime
+# summary from exactly the rows merged and clears the hours' dirty marks: minute rows (and marks)
+# committed after the statement's snapshot stay, so their hour stays dirty and readers keep using
+# its minute rows. %(lo)s and %(hi)s bound the hours (chunk exclusion at plan time). One
+# compaction at a time (two racing ones could each write a summary).
 _PROVIDER_MINUTES_COMPACT = """
-    WITH marks AS (DELETE FROM provider_minutes_dirty WHERE bucket = %(bucket)s),
-    old AS (DELETE FROM provider_minutes
-            WHERE bucket >= %(bucket)s AND bucket < %(bucket)s + interval '1 hour' RETURNING *),
+    WITH hours AS (SELECT DISTINCT unnest(%(hours)s::timestamptz[]) AS bucket),
+    marks AS (DELETE FROM provider_minutes_dirty WHERE bucket = ANY(%(hours)s::timestamptz[])),
+    old AS (DELETE FROM provider_minutes m USING hours h
+            WHERE m.bucket >= %(lo)s AND m.bucket < %(hi)s
+              AND m.bucket >= h.bucket AND m.bucket < h.bucket + interval '1 hour' RETURNING m.*),
     merged AS (INSERT INTO provider_minutes (bucket, provider, requests, server_failures)
                SELECT bucket, provider, sum(requests), sum(server_failures) FROM old GROUP BY 1, 2
                RETURNING *),
-    stale AS (DELETE FROM provider_uptime_hourly WHERE bucket = %(bucket)s)
+    stale AS (DELETE FROM provider_uptime_hourly WHERE bucket = ANY(%(hours)s::timestamptz[]))
     INSERT INTO provider_uptime_hourly (bucket, provider, minutes, down_minutes)
-    SELECT %(bucket)s, provider, count(*), count(*) FILTER (WHERE server_failures = requests)
-    FROM merged WHERE requests > 0 GROUP BY provider
+    SELECT time_bucket('1 hour', bucket), provider, count(*), count(*) FILTER (WHERE server_failures = requests)
+    FROM merged WHERE requests > 0 GROUP BY 1, 2
 """
+# Most hours one compaction statement merges (a backfill marks thousands of hours at once).
+PROVIDER_MINUTES_HOURS_PER_COMPACTION = 168
 
 
 @dataclass(frozen=True)
 class ProviderMinutes:
     """Provider minutes: append-only in one table (`provider_minutes`, one row per minute and
     provider per batch); ingest marks the hours it appended to in `provider_minutes_dirty`, and
-    a compaction merges one hour, one at a time (under COMPACTION_LOCK)."""
+    a compaction merges a set of hours, one compaction at a time (under COMPACTION_LOCK)."""
 
     name: str = "provider_minutes"
 
-    def compact_statements(self, hour: datetime) -> list[tuple[str, dict[str, object]]]:
-        """What one compaction of `hour` runs, in order, in one transaction."""
+    def compact_statements(self, hours: Sequence[datetime]) -> list[tuple[str, dict[str, object]]]:
+        """What one compaction of `hours` (starts of hours, UTC) runs, in order, in one transaction."""
+        starts = sorted(set(hours))
+        bounds = {"hours": starts, "lo": starts[0], "hi": starts[-1] + timedelta(hours=1)}
         return [
             ("SELECT pg_advisory_xact_lock(%(lock)s)", {"lock": COMPACTION_LOCK}),
-            (_PROVIDER_MINUTES_COMPACT, {"bucket": hour}),
+            (_PROVIDER_MINUTES_COMPACT, bounds),
         ]
 
     def duplicated_buckets_sql(self) -> str:
