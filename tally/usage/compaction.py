@@ -44,8 +44,8 @@ async def merge_rollups(db: Database) -> int:
 async def compact_provider_minutes(db: Database, hours: Iterable[datetime]) -> int:
     """Merges the provider minutes of `hours` (starts of hours) and rewrites their uptime
     summaries: up to PROVIDER_MINUTES_HOURS_PER_COMPACTION hours per transaction, in order.
-    Returns the hours compacted; on a failure, those of the transactions committed before it
-    stay compacted (the caller retries the others)."""
+    Returns the hours compacted. On a failure the transactions committed before it stay: the
+    caller may retry every hour, as an hour compacted twice is unchanged."""
     ordered = sorted(set(hours))
     step = PROVIDER_MINUTES_HOURS_PER_COMPACTION
     for first in range(0, len(ordered), step):
