@@ -710,6 +710,25 @@ def test_ingest_handoff_settles_each_request_once_and_leaves_no_record_for_unaut
     assert (items.settled, items.already_settled) == (0, 1)
 
 
+def test_a_handoff_of_only_unauthorized_requests_settles_each_once(budget_stack: BudgetStack) -> None:
+    """A hand-off chunk in which no request has a record (none was authorized or settled
+    directly: the script then skips every per-request lookup) still settles each request,
+    remembers each for a later direct Settle, and changes nothing when retried."""
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    first, second = (f"{name}-{key_id}" for name in ("ua", "ub"))
+    handoff = _handoff(key_id, [(first, 70_000, 0), (second, 30_000, 0)])
+    batch = stub.SettleBatch(handoff, timeout=10, metadata=budget_stack.auth())
+    assert (batch.settled, batch.already_settled, batch.overspend_micros) == (2, 0, 100_000)
+    again = stub.SettleBatch(handoff, timeout=10, metadata=budget_stack.auth())
+    assert (again.settled, again.already_settled) == (0, 2)
+    late = stub.Settle(settle_request(key_id, 30_000, second), timeout=10, metadata=budget_stack.auth())
+    assert late.already_settled
+    assert late.remaining[0].committed_micros == 100_000
+    with budget_stack.redis_client() as client:
+        assert client.exists(f"{{tally:budget}}:r:{first}", f"{{tally:budget}}:r:{second}") == 0
+
+
 @pytest.mark.parametrize(
     ("change", "field_name"),
     [

@@ -66,7 +66,8 @@ REQUEST_BATCH = 1024
 SETTLE_CHUNK = 100
 # Most settlements per script run of a SettleBatch (lua.SETTLE_SPEND: 2-3 us each).
 SPEND_CHUNK = 500
-# Most requests per script run of a hand-off (lua.SETTLE_HANDOFF: about 1 us each).
+# Most requests per script run of a hand-off (lua.SETTLE_HANDOFF: about 1 us each; the script
+# passes all their record keys to one EXISTS, within Lua's stack limit of 8,000 values).
 HANDOFF_CHUNK = 2000
 
 

@@ -427,10 +427,17 @@ local kgroups, ggroups = cjson.decode(ARGV[8]), cjson.decode(ARGV[9])
 if not redis.call('SET', ARGV[6], '1', 'NX', 'PX', ARGV[7]) then return {3} end
 local sgroups, items = cjson.decode(ARGV[10]), cjson.decode(ARGV[11])
 local sadd, bare = {}, {}
-for _, it in ipairs(items) do
+-- One EXISTS over every item's record first: usually no item has one (its request was never
+-- authorized nor settled directly), and then none needs a lookup of its own.
+local rkeys = {}
+for i, it in ipairs(items) do rkeys[i] = prefix .. it[1] end
+local any = #rkeys > 0 and redis.call('EXISTS', unpack(rkeys)) > 0
+local none = {false, false, false, false}
+for i, it in ipairs(items) do
   local rid, actual, si = it[1], it[2], it[3] + 1
-  local rk = prefix .. rid
-  local r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2')
+  local rk = rkeys[i]
+  local r = none
+  if any then r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2') end
   if r[1] == 's' then
     already = already + 1
   else
