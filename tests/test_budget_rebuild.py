@@ -91,7 +91,11 @@ async def _settle(
     else:
         transactions = sorted({transaction_id for _, transaction_id in settlements})
         spend_groups = [SpendItem("", 0, 0, 0, provider, transaction_id) for transaction_id in transactions]
-        handed = [(i.request_id, i.actual, transactions.index(i.transaction_id)) for i in items]
+        handed = (
+            [i.request_id for i in items],
+            [i.actual for i in items],
+            [transactions.index(i.transaction_id) for i in items],
+        )
         (result,) = await store.settle_handoff(
             SpendChunk(*groups, spend_groups),
             [(0, handed)],

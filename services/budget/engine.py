@@ -546,9 +546,12 @@ class BudgetEngine:
         """Settles ingest's hand-off (see Handoff): as `settle_batch`, but the spend is booked per
         spend group, and a request never authorized leaves no record of its own."""
         count = len(handoff.request_ids)
-        columns = (handoff.request_ids, handoff.costs, handoff.group_index)
         parts = [
-            list(zip(*(column[start : start + HANDOFF_CHUNK] for column in columns), strict=True))
+            (
+                list(handoff.request_ids[start : start + HANDOFF_CHUNK]),
+                list(handoff.costs[start : start + HANDOFF_CHUNK]),
+                list(handoff.group_index[start : start + HANDOFF_CHUNK]),
+            )
             for start in range(0, count, HANDOFF_CHUNK)
         ]
         groups = [SettleItem("", g.key_id, 0, g.event_time, g.provider, g.transaction_id) for g in handoff.groups]
@@ -563,8 +566,8 @@ class BudgetEngine:
                 done_ttl_ms=self._handoff_ttl_ms,
             )
             return [
-                (chunk, dataclasses.replace(result, already_settled=len(parts[number])) if result.replayed else result)
-                for number, result in zip(todo, results, strict=True)
+                (chunk, dataclasses.replace(result, already_settled=len(parts[n][0])) if result.replayed else result)
+                for n, result in zip(todo, results, strict=True)
             ]
 
         return await self._settle_rounds(len(parts), run)

@@ -412,7 +412,7 @@ end
 # ARGV: default per, default tz, settled marker ttl ms, reservation key prefix, prefix of the
 #       hand-off sets, this chunk's done marker, its ttl ms, key groups and global groups (JSON,
 #       as SETTLE_SPEND), spend groups (JSON: key group #, global group #, provider, transaction
-#       id), items (JSON: request id, actual (a number), spend group # 0-based)
+#       id), items (JSON: three columns: request ids, actuals (numbers), spend group #s 0-based)
 # -> as SETTLE_SPEND, or {3} when the chunk had been applied before
 SETTLE_HANDOFF = (
     _HELPERS
@@ -425,16 +425,17 @@ local kgroups, ggroups = cjson.decode(ARGV[8]), cjson.decode(ARGV[9])
     + _SPEND_BEGIN
     + """
 if not redis.call('SET', ARGV[6], '1', 'NX', 'PX', ARGV[7]) then return {3} end
-local sgroups, items = cjson.decode(ARGV[10]), cjson.decode(ARGV[11])
-local sadd, bare = {}, {}
+local sgroups, columns = cjson.decode(ARGV[10]), cjson.decode(ARGV[11])
+local rids, actuals, sis = columns[1], columns[2], columns[3]
+local sadd, bare, nbare = {}, {}, 0
 -- One EXISTS over every item's record first: usually no item has one (its request was never
 -- authorized nor settled directly), and then none needs a lookup of its own.
 local rkeys = {}
-for i, it in ipairs(items) do rkeys[i] = prefix .. it[1] end
+for i = 1, #rids do rkeys[i] = prefix .. rids[i] end
 local any = #rkeys > 0 and redis.call('EXISTS', unpack(rkeys)) > 0
 local none = {false, false, false, false}
-for i, it in ipairs(items) do
-  local rid, actual, si = it[1], it[2], it[3] + 1
+for i = 1, #rids do
+  local rid, actual, si = rids[i], actuals[i], sis[i] + 1
   local rk = rkeys[i]
   local r = none
   if any then r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2') end
@@ -445,7 +446,8 @@ for i, it in ipairs(items) do
     sadd[si] = (sadd[si] or 0) + actual
     close_reservation(rid, r, actual)
     if not r[1] then
-      bare[#bare + 1] = rid
+      nbare = nbare + 1
+      bare[nbare] = rid
     else
       local g = sgroups[si]
       redis.call('HSET', rk, 'st', 's', 'k', kgroups[g[1]][1], 'a', string.format('%.0f', actual))

@@ -197,6 +197,8 @@ NOT_LOADED_SETTLE = SettleResult(Outcome.NOT_LOADED)
 
 
 _json = json.JSONEncoder(separators=(",", ":")).encode
+# A hand-off chunk's items as three columns: request ids, actual costs, spend group indexes.
+HandoffColumns = tuple[Sequence[str], Sequence[int], Sequence[int]]
 
 
 def _text(value: Any) -> str:
@@ -562,7 +564,7 @@ class BudgetStore:
     async def settle_handoff(
         self,
         groups: SpendChunk,
-        item_chunks: Sequence[tuple[int, Sequence[tuple[str, int, int]]]],
+        item_chunks: Sequence[tuple[int, HandoffColumns]],
         *,
         handoff_id: str,
         settled_ttl_ms: int,
@@ -570,9 +572,9 @@ class BudgetStore:
     ) -> list[SpendResult]:
         """Settles ingest's hand-off (lua.SETTLE_HANDOFF): `groups` holds the spend groups (one
         SpendItem each, with no request id) and their counter groups; each item chunk (its
-        number in the hand-off, and its (request id, actual, spend group index) items) is one
-        script run, all in one pipeline. A chunk applied before (same `handoff_id` and number)
-        changes nothing."""
+        number in the hand-off, and its items as three columns: request ids, actuals, spend group
+        indexes) is one script run, all in one pipeline. A chunk applied before (same
+        `handoff_id` and number) changes nothing."""
         table = _KeyTable((LOADED_KEY, EXPIRY_KEY, REBUILD_KEY, REBUILD_LOG_KEY))
         key_groups, global_groups = self._group_tables(groups, table)
         spend_groups = _json(
@@ -583,9 +585,9 @@ class BudgetStore:
             (
                 table.keys,
                 [*head, f"{HANDOFF_DONE_PREFIX}{handoff_id}:{number}", done_ttl_ms, key_groups, global_groups,
-                 spend_groups, _json(items)],
+                 spend_groups, _json(columns)],
             )
-            for number, items in item_chunks
+            for number, columns in item_chunks
         ]  # fmt: skip
         replies = await self._pipelined(self._settle_handoff, calls)
         return [_spend_result(reply) for reply in replies]
