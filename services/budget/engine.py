@@ -548,9 +548,9 @@ class BudgetEngine:
         count = len(handoff.request_ids)
         parts = [
             (
-                list(handoff.request_ids[start : start + HANDOFF_CHUNK]),
-                list(handoff.costs[start : start + HANDOFF_CHUNK]),
-                list(handoff.group_index[start : start + HANDOFF_CHUNK]),
+                handoff.request_ids[start : start + HANDOFF_CHUNK],
+                handoff.costs[start : start + HANDOFF_CHUNK],
+                handoff.group_index[start : start + HANDOFF_CHUNK],
             )
             for start in range(0, count, HANDOFF_CHUNK)
         ]

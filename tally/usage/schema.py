@@ -5,8 +5,8 @@ retention) and re-rating read or correct them. Every reader sums rollup rows, an
 appends delta rows: to `<rollup>_delta`, which the compactor merges into `<rollup>_merged` (one
 row per bucket and group); readers read the view `<rollup>`, the union of both (migration 0016).
 Daily rollups have no delta table: they follow their hourly rollups (DailyRollup, migration 0018).
-Provider minutes are append-only in one table, merged an hour at a time. This module is data
-definition only.
+Provider minutes are append-only in one table, merged by the hour (several hours per statement).
+This module is data definition only.
 """
 
 from __future__ import annotations
@@ -157,10 +157,10 @@ COMPACTION_LOCK = 7_406_391_044
 # Merges hours of provider minutes and, in the same statement, rewrites each hour's uptime
 # summary from exactly the rows merged and clears the hours' dirty marks: minute rows (and marks)
 # committed after the statement's snapshot stay, so their hour stays dirty and readers keep using
-# its minute rows. %(lo)s and %(hi)s bound the hours (chunk exclusion at plan time). One
-# compaction at a time (two racing ones could each write a summary).
+# its minute rows. %(hours)s holds distinct hours; %(lo)s and %(hi)s bound them (chunk exclusion
+# at plan time). One compaction at a time (two racing ones could each write a summary).
 _PROVIDER_MINUTES_COMPACT = """
-    WITH hours AS (SELECT DISTINCT unnest(%(hours)s::timestamptz[]) AS bucket),
+    WITH hours AS (SELECT unnest(%(hours)s::timestamptz[]) AS bucket),
     marks AS (DELETE FROM provider_minutes_dirty WHERE bucket = ANY(%(hours)s::timestamptz[])),
     old AS (DELETE FROM provider_minutes m USING hours h
             WHERE m.bucket >= %(lo)s AND m.bucket < %(hi)s
