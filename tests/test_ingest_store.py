@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg._copy_base import format_row_binary
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
@@ -117,6 +118,88 @@ async def test_waiting_batches_commit_together_and_each_event_counts_once(databa
     assert daily_key[0] == len(distinct)
 
 
+def groups(path: str) -> float:
+    return REGISTRY.get_sample_value("tally_ingest_groups_total", {"path": path}) or 0.0
+
+
+async def raw_and_rollup_totals(database: Database) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(count, input tokens, cost) of the raw events and the same sums of the hourly rollup."""
+    async with database.transaction() as conn:
+        raw = await (
+            await conn.execute("SELECT count(*), sum(input_tokens), sum(cost_micros) FROM usage_events")
+        ).fetchone()
+        hourly = await (
+            await conn.execute("SELECT sum(requests), sum(input_tokens), sum(cost_micros) FROM usage_rollup_hourly")
+        ).fetchone()
+    assert raw is not None and hourly is not None
+    return tuple(raw), tuple(hourly)
+
+
+async def test_new_events_are_copied_and_a_group_with_a_stored_one_is_conflict_checked(database: Database) -> None:
+    """A group of new events goes into usage_events by COPY; one holding an event already stored
+    fails that copy as a whole and is written again with the conflict check, which stores the
+    rest and reports the stored one; a batch repeating a request id is conflict-checked at once."""
+    factory = EventFactory(seed=35, models=MODELS)
+    events = valid_events(factory, 1200)
+    store = UsageStore(database, late_threshold_seconds=300, writers=1)
+    write_once = store._write_once
+    calls: list[tuple[bool, str]] = []
+
+    async def recording(
+        encoded: list[bytearray], new_keys: set[Any], copied: bool
+    ) -> tuple[set[tuple[str, datetime]], int]:
+        try:
+            written = await write_once(encoded, new_keys, copied)
+        except Exception as exc:
+            calls.append((copied, type(exc).__name__))
+            raise
+        calls.append((copied, "ok"))
+        return written
+
+    store._write_once = recording  # type: ignore[method-assign]
+    first = await store.write(events[:500])
+    assert (calls, first.not_new) == ([(True, "ok")], set())
+
+    calls.clear()
+    retried = events[300:800]  # 200 stored, 300 new
+    second = await store.write(retried)
+    assert calls == [(True, "UniqueViolation"), (False, "ok")]
+    assert second.not_new == {e.identity for e in events[300:500]}
+
+    calls.clear()
+    repeating = [*events[800:1000], events[900]]  # the same event twice in one batch
+    third = await store.write(repeating)
+    assert calls == [(False, "ok")]
+    assert accepted_of(repeating, third.not_new) == events[800:1000]
+
+    stored = events[:1000]
+    expected = (len(stored), sum(e.row[6] for e in stored), sum(e.cost_micros or 0 for e in stored))
+    raw, hourly = await raw_and_rollup_totals(database)
+    assert raw[0] == hourly[0] == expected[0]
+    assert raw[1] == hourly[1] == expected[1]
+
+
+async def test_concurrent_copies_sharing_events_store_each_once(database: Database) -> None:
+    """Two stores (as two ingest replicas) with two writers each get batches without repeats
+    inside, drawn from one pool: groups copy, collide on shared events (a unique violation or a
+    deadlock), fall back, and every event is accepted once and counted once in the rollups."""
+    factory = EventFactory(seed=36, models=MODELS)
+    pool = valid_events(factory, 2000)
+    rng = factory.rng
+    batches = [rng.sample(pool, 300) for _ in range(16)]
+    stores = [UsageStore(database, late_threshold_seconds=300, writers=2) for _ in range(2)]
+    before = {path: groups(path) for path in ("copied", "conflict_checked")}
+    answers = await asyncio.gather(*(stores[n % 2].write(batch) for n, batch in enumerate(batches)))
+    assert groups("copied") > before["copied"]
+    assert groups("conflict_checked") > before["conflict_checked"]
+    accepted = [e.identity for batch, w in zip(batches, answers, strict=True) for e in accepted_of(batch, w.not_new)]
+    distinct = {e.identity: e for batch in batches for e in batch}
+    assert sorted(accepted) == sorted(distinct)
+    raw, hourly = await raw_and_rollup_totals(database)
+    tokens = sum(e.row[6] for e in distinct.values())
+    assert raw[:2] == hourly[:2] == (len(distinct), tokens)
+
+
 async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_proceeds(database: Database) -> None:
     factory = EventFactory(seed=32, models=MODELS)
     events = valid_events(factory, 300)
@@ -151,11 +234,13 @@ async def test_a_group_registers_only_keys_not_yet_registered_by_a_committed_gro
     write_once = store._write_once
     passed: list[set[Any]] = []
 
-    async def recording(encoded: list[bytearray], new_keys: set[Any]) -> tuple[set[tuple[str, datetime]], int]:
+    async def recording(
+        encoded: list[bytearray], new_keys: set[Any], copied: bool
+    ) -> tuple[set[tuple[str, datetime]], int]:
         passed.append(set(new_keys))
         if len(passed) == 1:
             raise psycopg.OperationalError("connection lost")
-        return await write_once(encoded, new_keys)
+        return await write_once(encoded, new_keys, copied)
 
     async def registered() -> set[Any]:
         async with database.transaction() as conn:

@@ -6,15 +6,24 @@ transaction. Each caller still gets its answer only after that commit. One trans
 instead of per batch costs the database far less per event: fewer statements and commits, and
 fewer rollup rows (a group's events share more rollup groups than one batch's).
 
-Per transaction: binary COPY into a session temp table, then one statement that inserts into the
-hypertable with `ON CONFLICT DO NOTHING` (idempotency on (event_time, request_id)) and, from
-exactly the rows really inserted, appends one rollup row per group to the hourly rollups (full
-dimensions, global without the key, and per key only) and the daily fingerprint rollup, and
-registers unknown keys. So a replayed event changes nothing anywhere.
+Per transaction: binary COPY into a session temp table (the staging table). When no request id
+is in the group twice, the same rows are then copied straight into the `usage_events`
+hypertable (COPY inserts rows in bulk; INSERT ... ON CONFLICT checks and inserts them one at a
+time, at about twice the cost), and one statement appends the rollups of the staged rows. The
+hypertable's unique index on (event_time, request_id) is what keeps this idempotent: if any
+event is already stored (a retried batch), the COPY fails with a unique violation, nothing of
+the transaction remains, and the group is written again the conflict-checking way: one
+statement that inserts into the hypertable with `ON CONFLICT DO NOTHING` and, from exactly the
+rows really inserted, appends the rollups and returns the identities that were not new. Either
+way the rollups get one row per group of the new events in the hourly rollups (full
+dimensions, global without the key, and per key only), the daily fingerprint rollup and the
+provider minutes, and unknown keys are registered. So a replayed event changes nothing anywhere.
 Rollup rows are appended to the rollups' delta tables (plain tables: no row is updated, so
 concurrent batches never wait on each other); the compactor (compaction.py) merges them into
-the merged tables, and the hourly rows' day sums into the daily rollups. Events are inserted
-in the unique index's order so concurrent batches take its locks in the same order.
+the merged tables, and the hourly rows' day sums into the daily rollups. The conflict-checking
+insert goes in the unique index's order so concurrent batches take its locks in the same order
+(copies may deadlock each other on shared identities: PostgreSQL detects it and the group is
+retried).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from prometheus_client import Counter as PromCounter
 from psycopg import AsyncConnection, sql
 from psycopg._copy_base import format_row_binary  # psycopg's own (C) row encoder; psycopg is pinned
 from psycopg.abc import Buffer
@@ -54,6 +64,14 @@ from tally.usage.schema import (
 )
 
 log = logging.getLogger("tally.ingest.store")
+
+GROUPS = PromCounter(
+    "tally_ingest_groups_total",
+    "Transactions of usage batches, by how the events reached usage_events: copied (straight"
+    " COPY), conflict_checked (INSERT ... ON CONFLICT DO NOTHING, after a copy hit an event"
+    " already stored or when a batch repeats a request id).",
+    ["path"],
+)
 
 _RETRIES = 3
 # Most keys remembered as registered (beyond it the memory starts again).
@@ -93,16 +111,13 @@ _RETURNED = ", ".join(
 )  # fmt: skip
 
 
-def _batch_sql(late_threshold_seconds: int) -> str:
-    """One statement: insert new events, append their rollups, register the keys in
-    %(new_keys)s (those of the group not known to be registered), and return the identities
-    that were not inserted (already stored: usually none, so little comes back)."""
+_BUCKETS = f"width_bucket(latency_ms - 1, {_BOUNDS}) AS lb, width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb"
+
+
+def _rollup_ctes(late_threshold_seconds: int) -> str:
+    """CTEs appending the rollups of `ins` (the new events, with their histogram buckets) and
+    registering the keys in %(new_keys)s (those of the group not known to be registered)."""
     return f"""
-    WITH ins AS (
-        INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY event_time, request_id
-        ON CONFLICT DO NOTHING
-        RETURNING {_RETURNED}, width_bucket(latency_ms - 1, {_BOUNDS}) AS lb,
-                  width_bucket(ttft_ms - 1, {_BOUNDS}) AS tb),
     {_rollup_insert("hourly", HOURLY.delta, "1 hour", late_threshold_seconds)},
     {derived_rollup_ctes()},
     fingerprints AS (
@@ -115,9 +130,30 @@ def _batch_sql(late_threshold_seconds: int) -> str:
     keys AS (
         INSERT INTO virtual_keys (key_id, key_name)
         SELECT k.id, k.id::text FROM unnest(%(new_keys)s::uuid[]) AS k (id) ORDER BY 1
-        ON CONFLICT (key_id) DO NOTHING)
+        ON CONFLICT (key_id) DO NOTHING)"""  # noqa: S608
+
+
+def _batch_sql(late_threshold_seconds: int) -> str:
+    """One statement: insert the staged events that are new, append their rollups, register
+    the new keys, and return the identities that were not inserted (already stored)."""
+    return f"""
+    WITH ins AS (
+        INSERT INTO usage_events SELECT * FROM ingest_staging ORDER BY event_time, request_id
+        ON CONFLICT DO NOTHING
+        RETURNING {_RETURNED}, {_BUCKETS}),
+    {_rollup_ctes(late_threshold_seconds)}
     SELECT s.request_id, s.event_time FROM ingest_staging s
     WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.request_id = s.request_id AND ins.event_time = s.event_time)
+    """  # noqa: S608
+
+
+def _copied_sql(late_threshold_seconds: int) -> str:
+    """After the staged events were also copied straight into usage_events (all of them new):
+    append their rollups and register the new keys."""
+    return f"""
+    WITH ins AS MATERIALIZED (SELECT {_RETURNED}, {_BUCKETS} FROM ingest_staging),
+    {_rollup_ctes(late_threshold_seconds)}
+    SELECT 1 WHERE false
     """  # noqa: S608
 
 
@@ -195,14 +231,23 @@ class _Waiting:
     events: Sequence[ValidEvent]
     encoded: bytearray
     done: asyncio.Future[Written]
+    request_ids: set[str]
     not_new: set[Identity] = field(default_factory=set)
+
+    @property
+    def distinct(self) -> bool:
+        """No request id (so no identity) is in the batch twice."""
+        return len(self.request_ids) == len(self.events)
 
 
 class UsageStore:
     def __init__(self, db: Database, late_threshold_seconds: int, writers: int = 2, group_events: int = 10_000) -> None:
         self._db = db
         self._batch_sql = _batch_sql(late_threshold_seconds)
-        self._copy_sql = sql.SQL("COPY ingest_staging ({}) FROM STDIN (FORMAT BINARY)").format(sql.SQL(_COLUMN_LIST))
+        self._copied_sql = _copied_sql(late_threshold_seconds)
+        copy = "COPY {} ({}) FROM STDIN (FORMAT BINARY)"
+        self._copy_sql = sql.SQL(copy).format(sql.Identifier("ingest_staging"), sql.SQL(_COLUMN_LIST))
+        self._copy_events_sql = sql.SQL(copy).format(sql.Identifier("usage_events"), sql.SQL(_COLUMN_LIST))
         self._writers = writers
         self._group_events = group_events
         self._encoder = RowEncoder()
@@ -220,7 +265,12 @@ class UsageStore:
         caller's (the first is new unless returned)."""
         if not events:
             return Written(set(), 0)
-        waiting = _Waiting(events, self._encoder.encode(events), asyncio.get_running_loop().create_future())
+        waiting = _Waiting(
+            events,
+            self._encoder.encode(events),
+            asyncio.get_running_loop().create_future(),
+            {event.request_id for event in events},
+        )
         self._queue.append(waiting)
         if self._active < self._writers:
             self._active += 1
@@ -287,34 +337,59 @@ class UsageStore:
                         waiting.not_new.add(identity)
             encoded = [self._encoder.encode(combined)]
         new_keys = {event.key_id for waiting in group for event in waiting.events} - self._registered
-        for attempt in range(1, _RETRIES + 1):
+        # Each identity is in the encoded rows once, so they can go straight into usage_events
+        # (a COPY: far cheaper than INSERT ... ON CONFLICT) unless one is already stored there.
+        copied = all(waiting.distinct for waiting in group)
+        attempt = 1
+        while True:
             try:
-                written = await self._write_once(encoded, new_keys)
+                written = await self._write_once(encoded, new_keys, copied)
+            except psycopg.errors.UniqueViolation:
+                if not copied:
+                    raise
+                # An event of the group is already stored (a retried batch, or one committed by a
+                # concurrent group): the conflict-checking insert stores the others and tells which.
+                copied = False
+                continue
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 if attempt == _RETRIES:
                     raise
                 log.warning("batch write retried after a lock conflict", extra={"attempt": attempt})
+                attempt += 1
                 continue
+            GROUPS.labels("copied" if copied else "conflict_checked").inc()
             if len(self._registered) + len(new_keys) > _REGISTERED_LIMIT:
                 self._registered.clear()
             self._registered |= new_keys
             return written
-        raise AssertionError("unreachable")
 
-    async def _write_once(self, encoded: list[bytearray], new_keys: set[uuid.UUID]) -> tuple[set[Identity], int]:
-        """Returns the identities not inserted and the transaction's id."""
+    async def _write_once(
+        self, encoded: list[bytearray], new_keys: set[uuid.UUID], copied: bool
+    ) -> tuple[set[Identity], int]:
+        """Returns the identities not inserted and the transaction's id. With `copied`, the rows
+        are copied into usage_events as they are (an identity already stored raises
+        UniqueViolation and nothing is written); otherwise only the new ones are inserted."""
         async with self._db.transaction() as conn, conn.cursor() as cur:
-            async with cur.copy(self._copy_sql) as copy:
-                await copy.write(_COPY_HEADER)
-                for rows in encoded:
-                    await copy.write(rows)
-                await copy.write(_COPY_TRAILER)
-            await cur.execute(self._batch_sql, {"new_keys": list(new_keys)})
-            not_new = {(row[0], row[1]) for row in await cur.fetchall()}
+            await _copy_rows(cur, self._copy_sql, encoded)
+            if copied:
+                await _copy_rows(cur, self._copy_events_sql, encoded)
+                await cur.execute(self._copied_sql, {"new_keys": list(new_keys)})
+                not_new: set[Identity] = set()
+            else:
+                await cur.execute(self._batch_sql, {"new_keys": list(new_keys)})
+                not_new = {(row[0], row[1]) for row in await cur.fetchall()}
             await cur.execute("SELECT pg_current_xact_id()::text")
             row = await cur.fetchone()
             assert row is not None
             return not_new, int(row[0])
+
+
+async def _copy_rows(cur: psycopg.AsyncCursor[Any], statement: sql.Composed, encoded: list[bytearray]) -> None:
+    async with cur.copy(statement) as copy:
+        await copy.write(_COPY_HEADER)
+        for rows in encoded:
+            await copy.write(rows)
+        await copy.write(_COPY_TRAILER)
 
 
 def _request_ids_overlap(group: list[_Waiting]) -> bool:
@@ -322,9 +397,8 @@ def _request_ids_overlap(group: list[_Waiting]) -> bool:
     seen: set[str] = set()
     total = 0
     for waiting in group:
-        ids = {event.request_id for event in waiting.events}
-        total += len(ids)
-        seen |= ids
+        total += len(waiting.request_ids)
+        seen |= waiting.request_ids
         if len(seen) < total:
             return True
     return False
