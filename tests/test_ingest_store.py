@@ -18,10 +18,11 @@ from psycopg._copy_base import format_row_binary
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 
-from services.ingest.events import IngestPolicy, ValidEvent, validate
+from services.ingest.events import MAX_COUNT, IngestPolicy, Rejected, ValidEvent, validate
 from services.ingest.pricing import PriceBook
 from services.ingest.store import RowEncoder, UsageStore, _Waiting, prepare_connection
 from tally.devstack import Postgres, Redis
+from tally.ingest.v1 import ingest_pb2
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations
@@ -582,3 +583,47 @@ def test_row_encoder_writes_what_psycopg_writes() -> None:
     encoder = RowEncoder()
     for _ in range(2):  # the second pass answers from the remembered encodings
         assert encoder.encode([replace(e, row=row) for e, row in zip(events, rows, strict=True)]) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "rejected"),
+    [
+        ({}, None),
+        ({"input_tokens": MAX_COUNT, "reasoning_tokens": MAX_COUNT, "latency_ms": 2**31 - 1}, None),
+        ({"output_tokens": 2**39 + 1, "cached_read_tokens": MAX_COUNT - 1}, None),  # above the OR check's bound
+        ({"cache_write_tokens": MAX_COUNT + 1}, ("cacheWriteTokens", f"must be at most {MAX_COUNT}")),
+        ({"input_tokens": 5, "output_tokens": -1}, ("outputTokens", "must not be negative")),
+        ({"images": -3, "reasoning_tokens": -1}, ("reasoningTokens", "must not be negative")),
+        ({"time_to_first_token_ms": -1}, ("timeToFirstTokenMs", "must not be negative")),
+        ({"latency_ms": -1, "time_to_first_token_ms": -1}, ("latencyMs", "must not be negative")),
+        ({"provider_cost_micros": -1}, ("providerCostMicros", "must not be negative")),
+        ({"provider_cost_micros": MAX_COUNT}, None),
+    ],
+)
+def test_counts_are_checked_exactly_at_their_bounds(changes: dict[str, int], rejected: tuple[str, str] | None) -> None:
+    """Every count is in [0, MAX_COUNT]; a bad one is named (the first bad one in field order)."""
+    now = datetime.now(UTC)
+    event = ingest_pb2.UsageEvent(
+        request_id="bounds",
+        virtual_key_id="00000000-0000-0000-0000-00000000000b",
+        provider="openai",
+        model="gpt-4o",
+        operation="chat.completions",
+    )
+    for name, value in ({"input_tokens": 10, "output_tokens": 5, "latency_ms": 100} | changes).items():
+        setattr(event, name, value)
+    event.event_time.FromDatetime(now)
+    policy = IngestPolicy(timedelta(days=7), timedelta(minutes=5), timedelta(minutes=5), b"bounds")
+    if rejected is None:
+        valid = validate(event, now, policy, PriceBook([]))
+        assert valid.row[6:11] == (
+            event.input_tokens,
+            event.output_tokens,
+            event.cached_read_tokens,
+            event.cache_write_tokens,
+            event.reasoning_tokens,
+        )
+    else:
+        with pytest.raises(Rejected) as caught:
+            validate(event, now, policy, PriceBook([]))
+        assert (caught.value.field, caught.value.reason) == rejected

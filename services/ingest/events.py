@@ -17,7 +17,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from services.ingest.pricing import PriceBook, cost_micros
+from services.ingest.pricing import PriceBook, scaled_cost
 from tally.ingest.v1 import ingest_pb2
 from tally.usage.identity import hash_end_user
 
@@ -71,11 +71,14 @@ class IngestPolicy:
     end_user_key: bytes
 
 
+# Below MAX_COUNT: when the bitwise OR of non-negative counts is below it, so is each count.
+_BELOW_MAX = 1 << (MAX_COUNT.bit_length() - 1)
+
+
 def _check_counts(values: tuple[int, ...], fields: tuple[str, ...]) -> None:
-    """Raises for the first of `values` that is negative or above MAX_COUNT (one min and one max
-    over all of them on the usual path, where every count is fine)."""
-    if min(values) >= 0 and max(values) <= MAX_COUNT:
-        return
+    """Raises for the first of `values` that is negative or above MAX_COUNT. (The hot path checks
+    the bitwise OR of the counts against _BELOW_MAX first, and calls this only when it is not in
+    [0, _BELOW_MAX): the OR is negative if any count is, and at least as large as each.)"""
     for value, field in zip(values, fields, strict=True):
         if value < 0:
             raise Rejected(field, "must not be negative")
@@ -147,14 +150,24 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         raise Rejected("eventTime", "required (a retry must carry the original event time)")
     stamp = event.event_time
     epoch_seconds, epoch_nanos = stamp.seconds, stamp.nanos
-    event_time = _event_time(epoch_seconds, epoch_nanos)
+    base = _seconds.get(epoch_seconds)
+    if base is not None:  # _event_time's cache hit, inline
+        event_time = base + timedelta(0, 0, epoch_nanos // 1000) if epoch_nanos >= 1000 else base
+    else:
+        event_time = _event_time(epoch_seconds, epoch_nanos)
     if event_time > now + policy.future_skew:
         raise Rejected("eventTime", f"is in the future beyond the allowed skew of {policy.future_skew}")
     if event_time < now - policy.late_window:
         raise Rejected("eventTime", f"is older than the late window of {policy.late_window}")
-    key_id, key_text = _key_id(event.virtual_key_id)
-    provider = _name(event.provider, "provider")
-    model = _name(event.model, "model")
+    key_value = event.virtual_key_id
+    known_key = _key_ids.get(key_value)
+    key_id, key_text = known_key if known_key is not None else _key_id(key_value)
+    provider = event.provider
+    if provider not in _good_names:
+        _name(provider, "provider")
+    model = event.model
+    if model not in _good_names:
+        _name(model, "model")
     operation = event.operation
     if operation not in _good_names:
         if not operation:
@@ -163,7 +176,7 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
             raise Rejected("operation", "must be dotted lower-case words, e.g. chat.completions")
         if len(_good_names) < _CACHE_LIMIT:
             _good_names.add(operation)
-    counts = (
+    input_tokens, output_tokens, cached_read, cache_write, reasoning, images = counts = (
         event.input_tokens,
         event.output_tokens,
         event.cached_read_tokens,
@@ -171,8 +184,8 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         event.reasoning_tokens,
         event.images,
     )
-    _check_counts(counts, _TOKEN_FIELDS)
-    input_tokens, output_tokens, cached_read, cache_write, reasoning, images = counts
+    if not 0 <= input_tokens | output_tokens | cached_read | cache_write | reasoning | images < _BELOW_MAX:
+        _check_counts(counts, _TOKEN_FIELDS)
     if images > 2**31 - 1:
         raise Rejected("images", "too large")
     audio_seconds = event.audio_seconds
@@ -184,7 +197,8 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         if audio_ms > 10**13:
             raise Rejected("audioSeconds", "too large")
     latency_ms, ttft_ms = times = event.latency_ms, event.time_to_first_token_ms
-    _check_counts(times, _TIME_FIELDS)
+    if not 0 <= latency_ms | ttft_ms < _BELOW_MAX:
+        _check_counts(times, _TIME_FIELDS)
     if latency_ms > 2**31 - 1 or ttft_ms > 2**31 - 1:
         raise Rejected("latencyMs", "too large")
     http_status = event.http_status or 200
@@ -218,15 +232,8 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         if price is None:
             cost, source = None, "unpriced"
         else:
-            cost = cost_micros(
-                price,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cached_read_tokens=cached_read,
-                cache_write_tokens=cache_write,
-                reasoning_tokens=reasoning,
-                images=images,
-                audio_ms=audio_ms,
+            cost = scaled_cost(
+                price.scaled, input_tokens, output_tokens, cached_read, cache_write, reasoning, images, audio_ms
             )
             source, price_id = "computed", price.price_id
     end_user_hash = hash_end_user(policy.end_user_key, end_user_id) if end_user_id else None

@@ -102,7 +102,30 @@ def cost_micros(
     audio_ms: int,
 ) -> int:
     """The event's cost in micro-units, exact up to the single final rounding."""
-    s = price.scaled
+    return scaled_cost(
+        price.scaled,
+        input_tokens,
+        output_tokens,
+        cached_read_tokens,
+        cache_write_tokens,
+        reasoning_tokens,
+        images,
+        audio_ms,
+    )
+
+
+def scaled_cost(
+    s: tuple[int, ...],
+    input_tokens: int,
+    output_tokens: int,
+    cached_read_tokens: int,
+    cache_write_tokens: int,
+    reasoning_tokens: int,
+    images: int,
+    audio_ms: int,
+) -> int:
+    """cost_micros from a price's `scaled` amounts, with positional arguments (ingest's hot path:
+    a call with keyword arguments costs it more than the arithmetic)."""
     total = (
         input_tokens * s[0]
         + output_tokens * s[1]
@@ -113,7 +136,11 @@ def cost_micros(
         + audio_ms * s[6]
         + s[7]
     )
-    return round_half_even(total, _SCALE)
+    quotient, remainder = divmod(total, _SCALE)  # round half to even, as round_half_even
+    twice = 2 * remainder
+    if twice > _SCALE or (twice == _SCALE and quotient % 2 == 1):
+        quotient += 1
+    return quotient
 
 
 class PriceBook:
@@ -134,6 +161,8 @@ class PriceBook:
         if entry is None:
             return None
         times, prices = entry
+        if at >= times[-1]:  # the latest price: nearly every event
+            return prices[-1]
         index = bisect.bisect_right(times, at) - 1
         return prices[index] if index >= 0 else None
 

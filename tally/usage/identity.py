@@ -6,15 +6,19 @@ import hashlib
 import hmac
 
 _CACHE_LIMIT = 100_000
-_user_hashes: dict[tuple[bytes, str], str] = {}
+# Per hash key: end-user id -> hash.
+_user_hashes: dict[bytes, dict[str, str]] = {}
 
 
 def hash_end_user(key: bytes, end_user_id: str) -> str:
     """HMAC-SHA256 of the id with END_USER_HASH_KEY, hex (cached: the same users recur)."""
-    cached = _user_hashes.get((key, end_user_id))
+    hashes = _user_hashes.get(key)
+    if hashes is None:
+        hashes = _user_hashes[key] = {}
+    cached = hashes.get(end_user_id)
     if cached is None:
         cached = hmac.digest(key, end_user_id.encode(), hashlib.sha256).hex()
-        if len(_user_hashes) >= _CACHE_LIMIT:
-            _user_hashes.clear()
-        _user_hashes[(key, end_user_id)] = cached
+        if len(hashes) >= _CACHE_LIMIT:
+            hashes.clear()
+        hashes[end_user_id] = cached
     return cached
