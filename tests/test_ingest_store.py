@@ -10,14 +10,18 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import grpc
 import psycopg
 import pytest
 from prometheus_client import REGISTRY
 from psycopg._copy_base import format_row_binary
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
+from pydantic import SecretStr
 
+from services.ingest.aftercommit import AfterCommit, Outcome
 from services.ingest.events import MAX_COUNT, IngestPolicy, Rejected, ValidEvent, validate
 from services.ingest.pricing import PriceBook
 from services.ingest.store import RowEncoder, UsageStore, _Waiting, prepare_connection
@@ -627,3 +631,25 @@ def test_counts_are_checked_exactly_at_their_bounds(changes: dict[str, int], rej
         with pytest.raises(Rejected) as caught:
             validate(event, now, policy, PriceBook([]))
         assert (caught.value.field, caught.value.reason) == rejected
+
+
+async def test_hand_offs_carry_at_most_the_settle_batch_and_every_priced_event_once() -> None:
+    """Ingest hands spend to budget in SettleBatch requests of at most `settle_batch` requests
+    (budget refuses more than INGEST_MAX_BATCH), each event of a cost in exactly one of them,
+    in the spend group of its key and provider."""
+    factory = EventFactory(seed=37, models=MODELS)
+    events = [replace(e, cost_micros=n % 7 * 100) for n, e in enumerate(valid_events(factory, 1000))]
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never used: nothing is flushed
+    after = AfterCommit(None, channel, SecretStr("k"), ZoneInfo("UTC"), settle_batch=300)  # type: ignore[arg-type]
+    for start in range(0, 1000, 250):
+        after._fold(Outcome.of(events[start : start + 250], 0, 0, transaction_id=start // 500 + 1))
+    requests = [handoff.request for handoff in after._settlements]
+    assert max(len(r.request_ids) for r in requests) <= 300
+    handed = {
+        rid: (cost, r.groups[g].key_id, r.groups[g].provider)
+        for r in requests
+        for rid, cost, g in zip(r.request_ids, r.actual_cost_micros, r.group_index, strict=True)
+    }
+    assert sum(len(r.request_ids) for r in requests) == len(handed)
+    assert handed == {e.request_id: (e.cost_micros, e.key_text, e.provider) for e in events if e.cost_micros}
+    await channel.close()

@@ -37,7 +37,9 @@ log = logging.getLogger("tally.ingest.aftercommit")
 
 DROPPED = PromCounter("tally_ingest_aftercommit_dropped_total", "After-commit work dropped.", ["stage", "reason"])
 QUEUE_DEPTH = Gauge("tally_ingest_aftercommit_queue_depth", "Committed batches waiting for after-commit work.")
-SETTLE_BATCH = 5000
+# Most requests per SettleBatch (budget takes up to INGEST_MAX_BATCH): a hand-off's spend groups
+# (key, provider, quarter hour, transaction) are fewer per request the more requests it carries.
+SETTLE_BATCH = 10_000
 SETTLE_TIMEOUT_SECONDS = 5.0
 FLUSH_SECONDS = 0.5
 MAX_PENDING_SETTLEMENTS = 200_000
@@ -102,8 +104,10 @@ class AfterCommit:
         master_key: SecretStr,
         zone: ZoneInfo,
         queue_size: int = 64,
+        settle_batch: int = SETTLE_BATCH,
     ) -> None:
         self._redis = redis
+        self._settle_batch = settle_batch
         self._budget = budget_pb2_grpc.BudgetServiceStub(budget)
         self._master_key = master_key
         self._zone = zone
@@ -114,7 +118,7 @@ class AfterCommit:
         self._rates: Counter[int] = Counter()
         self._last_ingest = 0.0
         # Spend of accepted events, already in the budget service's request form (compact: a
-        # backlog may hold MAX_PENDING_SETTLEMENTS); the last request fills up to SETTLE_BATCH.
+        # backlog may hold MAX_PENDING_SETTLEMENTS); the last request fills up to settle_batch.
         self._settlements: list[_Handoff] = []
         self._instance = uuid.uuid4().hex
         self._handoffs = 0
@@ -277,7 +281,8 @@ class AfterCommit:
         and transaction (a quarter hour is inside one budget period in every time zone)."""
         xid = outcome.transaction_id
         pending = self._settlements
-        handoff = pending[-1] if pending and len(pending[-1].request.request_ids) < SETTLE_BATCH else None
+        limit = self._settle_batch
+        handoff = pending[-1] if pending and len(pending[-1].request.request_ids) < limit else None
         request_ids: list[str] = []
         costs: list[int] = []
         group_index: list[int] = []
@@ -285,7 +290,7 @@ class AfterCommit:
             cost = event.cost_micros
             if not cost:
                 continue
-            if handoff is None or len(handoff.request.request_ids) + len(request_ids) >= SETTLE_BATCH:
+            if handoff is None or len(handoff.request.request_ids) + len(request_ids) >= limit:
                 if handoff is not None:
                     self._extend(handoff, request_ids, costs, group_index)
                     request_ids, costs, group_index = [], [], []

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from prometheus_client import Counter, Histogram
 
-from services.ingest.aftercommit import AfterCommit, Outcome
+from services.ingest.aftercommit import SETTLE_BATCH, AfterCommit, Outcome
 from services.ingest.compaction import Compactor
 from services.ingest.events import IngestPolicy, Rejected, ValidEvent, validate
 from services.ingest.prices import PriceRepository, PriceRowError, parse_csv, parse_price
@@ -312,7 +312,13 @@ async def build(resources: Resources) -> Sequence[Registration]:
     await compactor.sweep(datetime.now(UTC))
     compacting = asyncio.create_task(compactor.run_forever())
     budget_channel = service_channel(settings.address_of(ServiceName.BUDGET))
-    after = AfterCommit(resources.redis, budget_channel, settings.admin_master_key, settings.zone)
+    after = AfterCommit(
+        resources.redis,
+        budget_channel,
+        settings.admin_master_key,
+        settings.zone,
+        settle_batch=min(SETTLE_BATCH, settings.ingest_max_batch),
+    )
     after.start()
 
     recalculator = Recalculator(resources.db, prices, compactor, budget_channel, settings.admin_master_key)
