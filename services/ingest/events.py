@@ -17,7 +17,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from services.ingest.pricing import PriceBook, scaled_cost
+from services.ingest.pricing import PriceBook, cost_micros
 from tally.ingest.v1 import ingest_pb2
 from tally.usage.identity import hash_end_user
 
@@ -232,8 +232,8 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         if price is None:
             cost, source = None, "unpriced"
         else:
-            cost = scaled_cost(
-                price.scaled, input_tokens, output_tokens, cached_read, cache_write, reasoning, images, audio_ms
+            cost = cost_micros(
+                price, input_tokens, output_tokens, cached_read, cache_write, reasoning, images, audio_ms
             )
             source, price_id = "computed", price.price_id
     end_user_hash = hash_end_user(policy.end_user_key, end_user_id) if end_user_id else None

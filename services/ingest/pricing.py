@@ -82,17 +82,8 @@ class Price:
         )
 
 
-def round_half_even(numerator: int, denominator: int) -> int:
-    quotient, remainder = divmod(numerator, denominator)
-    twice = 2 * remainder
-    if twice > denominator or (twice == denominator and quotient % 2 == 1):
-        quotient += 1
-    return quotient
-
-
 def cost_micros(
     price: Price,
-    *,
     input_tokens: int,
     output_tokens: int,
     cached_read_tokens: int,
@@ -101,31 +92,10 @@ def cost_micros(
     images: int,
     audio_ms: int,
 ) -> int:
-    """The event's cost in micro-units, exact up to the single final rounding."""
-    return scaled_cost(
-        price.scaled,
-        input_tokens,
-        output_tokens,
-        cached_read_tokens,
-        cache_write_tokens,
-        reasoning_tokens,
-        images,
-        audio_ms,
-    )
-
-
-def scaled_cost(
-    s: tuple[int, ...],
-    input_tokens: int,
-    output_tokens: int,
-    cached_read_tokens: int,
-    cache_write_tokens: int,
-    reasoning_tokens: int,
-    images: int,
-    audio_ms: int,
-) -> int:
-    """cost_micros from a price's `scaled` amounts, with positional arguments (ingest's hot path:
-    a call with keyword arguments costs it more than the arithmetic)."""
+    """The event's cost in micro-units, exact up to the single final rounding (half to even).
+    Ingest's hot path passes the counts positionally: keyword arguments cost it more than the
+    arithmetic."""
+    s = price.scaled
     total = (
         input_tokens * s[0]
         + output_tokens * s[1]
@@ -136,7 +106,7 @@ def scaled_cost(
         + audio_ms * s[6]
         + s[7]
     )
-    quotient, remainder = divmod(total, _SCALE)  # round half to even, as round_half_even
+    quotient, remainder = divmod(total, _SCALE)
     twice = 2 * remainder
     if twice > _SCALE or (twice == _SCALE and quotient % 2 == 1):
         quotient += 1
