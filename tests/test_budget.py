@@ -30,6 +30,7 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.budget.app import _utc
 from services.budget.periods import PeriodKind, period_at
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.clients.request_path import RequestPathClient, RequestPathError, RequestPathUnavailable
@@ -1357,3 +1358,13 @@ def _cluster_scan(cluster: RedisClusterNodes) -> list[str]:
         with redis_py.Redis(port=port) as node:
             keys += [k.decode() for k in node.scan_iter(count=1000)]
     return keys
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(0, 0), (1_700_000_000, 999_999_999), (1_700_000_000, 1_999), (-86_400 * 365, 500), (253_402_300_799, 0)],
+)
+def test_handoff_timestamps_convert_as_protobuf_converts_them(seconds: int, nanos: int) -> None:
+    stamp = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    assert _utc(stamp) == stamp.ToDatetime(UTC)
+    assert _utc(stamp).utcoffset() == timedelta(0)
