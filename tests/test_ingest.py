@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 import psycopg
@@ -554,6 +555,24 @@ def test_live_counters_follow_commits(
         time.sleep(0.1)
     assert [int(v or 0) for v in values] == [50, expected_cost]
     assert 0 < client.ttl(hour_key) <= live.HOUR_TTL_SECONDS  # each flush renews the hash's expiry
+    fields = [f"k|{key}|requests", f"k|{key}|cost"]
+    assert [int(v or 0) for v in client.hmget(live.minute_key(at), fields)] == [50, expected_cost]
+    assert [int(v or 0) for v in client.hmget(live.day_key(at, ZoneInfo("UTC")), fields)] == [50, expected_cost]
+
+    # Events older than a minute hash lives (2 h) count in their hour and day hashes only.
+    old_key = str(uuid.uuid4())
+    old = recent(hours=0).replace(minute=30, second=0) - timedelta(hours=3)
+    old_events = [factory.event(old + timedelta(seconds=i), virtual_key_id=old_key) for i in range(20)]
+    send(stack, stub, old_events)
+    old_cost = sum(expected_cost_micros(e, prices) or 0 for e in old_events)
+    old_fields = [f"k|{old_key}|requests", f"k|{old_key}|cost"]
+    while datetime.now(UTC) < deadline + timedelta(seconds=10):
+        if client.hget(live.hour_key(old), old_fields[0]) is not None:
+            break
+        time.sleep(0.1)
+    assert [int(v or 0) for v in client.hmget(live.hour_key(old), old_fields)] == [20, old_cost]
+    assert [int(v or 0) for v in client.hmget(live.day_key(old, ZoneInfo("UTC")), old_fields)] == [20, old_cost]
+    assert client.hmget(live.minute_key(old), old_fields) == [None, None]
 
 
 def test_price_api_validation_and_import(stack: Stack) -> None:
