@@ -653,3 +653,37 @@ async def test_hand_offs_carry_at_most_the_settle_batch_and_every_priced_event_o
     assert sum(len(r.request_ids) for r in requests) == len(handed)
     assert handed == {e.request_id: (e.cost_micros, e.key_text, e.provider) for e in events if e.cost_micros}
     await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("age", "outcome"),
+    [
+        (-timedelta(minutes=5), "on time"),  # exactly the allowed future skew
+        (-timedelta(minutes=5, microseconds=1), "eventTime"),
+        (timedelta(minutes=5), "on time"),  # exactly the late threshold: not late yet
+        (timedelta(minutes=5, microseconds=1), "late"),
+        (timedelta(days=7), "late"),  # exactly the late window: still accepted
+        (timedelta(days=7, microseconds=1), "eventTime"),
+    ],
+)
+def test_time_bounds_are_exact_to_the_microsecond(age: timedelta, outcome: str) -> None:
+    """The window checks and the late flag, at their bounds; the same `now` validated against two
+    policies in a row uses each policy's own bounds."""
+    now = datetime(2026, 12, 6, 12, 0, 0, 500_000, tzinfo=UTC)
+    event = ingest_pb2.UsageEvent(
+        request_id="bounds",
+        virtual_key_id="00000000-0000-0000-0000-00000000000c",
+        provider="openai",
+        model="gpt-4o",
+        operation="chat.completions",
+    )
+    event.event_time.FromDatetime(now - age)
+    wide = IngestPolicy(timedelta(days=30), timedelta(days=1), timedelta(days=1), b"bounds")
+    assert not validate(event, now, wide, PriceBook([])).late or age > timedelta(days=1)
+    policy = IngestPolicy(timedelta(days=7), timedelta(minutes=5), timedelta(minutes=5), b"bounds")
+    if outcome == "eventTime":
+        with pytest.raises(Rejected) as caught:
+            validate(event, now, policy, PriceBook([]))
+        assert caught.value.field == "eventTime"
+    else:
+        assert validate(event, now, policy, PriceBook([])).late == (outcome == "late")

@@ -139,6 +139,19 @@ def _event_time(seconds: int, nanos: int) -> datetime:
     return base + timedelta(0, 0, nanos // 1000) if nanos >= 1000 else base
 
 
+# The time bounds of the `now` and policy validated against last (a batch's events share them):
+# (now, policy, latest event time accepted, earliest accepted, earliest not late).
+_bounds: tuple[datetime, IngestPolicy | None, datetime, datetime, datetime] = (_EPOCH, None, _EPOCH, _EPOCH, _EPOCH)
+
+
+def _bounds_at(
+    now: datetime, policy: IngestPolicy
+) -> tuple[datetime, IngestPolicy | None, datetime, datetime, datetime]:
+    global _bounds
+    _bounds = (now, policy, now + policy.future_skew, now - policy.late_window, now - policy.late_threshold)
+    return _bounds
+
+
 def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, prices: PriceBook) -> ValidEvent:
     """Checks one event and builds its row; raises Rejected naming the (camelCase) field."""
     request_id = event.request_id
@@ -155,9 +168,12 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         event_time = base + timedelta(0, 0, epoch_nanos // 1000) if epoch_nanos >= 1000 else base
     else:
         event_time = _event_time(epoch_seconds, epoch_nanos)
-    if event_time > now + policy.future_skew:
+    bounds = _bounds
+    if bounds[0] is not now or bounds[1] is not policy:
+        bounds = _bounds_at(now, policy)
+    if event_time > bounds[2]:
         raise Rejected("eventTime", f"is in the future beyond the allowed skew of {policy.future_skew}")
-    if event_time < now - policy.late_window:
+    if event_time < bounds[3]:
         raise Rejected("eventTime", f"is older than the late window of {policy.late_window}")
     key_value = event.virtual_key_id
     known_key = _key_ids.get(key_value)
@@ -259,5 +275,5 @@ def validate(event: ingest_pb2.UsageEvent, now: datetime, policy: IngestPolicy, 
         input_tokens + output_tokens + cached_read + cache_write + reasoning,
         cost,
         cost is None,
-        now - event_time > policy.late_threshold,
+        event_time < bounds[4],  # now - event_time > late_threshold
     )
