@@ -589,6 +589,22 @@ def test_row_encoder_writes_what_psycopg_writes() -> None:
         assert encoder.encode([replace(e, row=row) for e, row in zip(events, rows, strict=True)]) == expected
 
 
+# The policy of the bound tests: 7-day late window, 5 minutes of future skew and of late threshold.
+BOUNDS_POLICY = IngestPolicy(timedelta(days=7), timedelta(minutes=5), timedelta(minutes=5), b"bounds")
+
+
+def bounds_event(at: datetime) -> ingest_pb2.UsageEvent:
+    event = ingest_pb2.UsageEvent(
+        request_id="bounds",
+        virtual_key_id="00000000-0000-0000-0000-00000000000b",
+        provider="openai",
+        model="gpt-4o",
+        operation="chat.completions",
+    )
+    event.event_time.FromDatetime(at)
+    return event
+
+
 @pytest.mark.parametrize(
     ("changes", "rejected"),
     [
@@ -607,19 +623,11 @@ def test_row_encoder_writes_what_psycopg_writes() -> None:
 def test_counts_are_checked_exactly_at_their_bounds(changes: dict[str, int], rejected: tuple[str, str] | None) -> None:
     """Every count is in [0, MAX_COUNT]; a bad one is named (the first bad one in field order)."""
     now = datetime.now(UTC)
-    event = ingest_pb2.UsageEvent(
-        request_id="bounds",
-        virtual_key_id="00000000-0000-0000-0000-00000000000b",
-        provider="openai",
-        model="gpt-4o",
-        operation="chat.completions",
-    )
+    event = bounds_event(now)
     for name, value in ({"input_tokens": 10, "output_tokens": 5, "latency_ms": 100} | changes).items():
         setattr(event, name, value)
-    event.event_time.FromDatetime(now)
-    policy = IngestPolicy(timedelta(days=7), timedelta(minutes=5), timedelta(minutes=5), b"bounds")
     if rejected is None:
-        valid = validate(event, now, policy, PriceBook([]))
+        valid = validate(event, now, BOUNDS_POLICY, PriceBook([]))
         assert valid.row[6:11] == (
             event.input_tokens,
             event.output_tokens,
@@ -629,7 +637,7 @@ def test_counts_are_checked_exactly_at_their_bounds(changes: dict[str, int], rej
         )
     else:
         with pytest.raises(Rejected) as caught:
-            validate(event, now, policy, PriceBook([]))
+            validate(event, now, BOUNDS_POLICY, PriceBook([]))
         assert (caught.value.field, caught.value.reason) == rejected
 
 
@@ -670,20 +678,12 @@ def test_time_bounds_are_exact_to_the_microsecond(age: timedelta, outcome: str) 
     """The window checks and the late flag, at their bounds; the same `now` validated against two
     policies in a row uses each policy's own bounds."""
     now = datetime(2026, 12, 6, 12, 0, 0, 500_000, tzinfo=UTC)
-    event = ingest_pb2.UsageEvent(
-        request_id="bounds",
-        virtual_key_id="00000000-0000-0000-0000-00000000000c",
-        provider="openai",
-        model="gpt-4o",
-        operation="chat.completions",
-    )
-    event.event_time.FromDatetime(now - age)
+    event = bounds_event(now - age)
     wide = IngestPolicy(timedelta(days=30), timedelta(days=1), timedelta(days=1), b"bounds")
     assert not validate(event, now, wide, PriceBook([])).late or age > timedelta(days=1)
-    policy = IngestPolicy(timedelta(days=7), timedelta(minutes=5), timedelta(minutes=5), b"bounds")
     if outcome == "eventTime":
         with pytest.raises(Rejected) as caught:
-            validate(event, now, policy, PriceBook([]))
+            validate(event, now, BOUNDS_POLICY, PriceBook([]))
         assert caught.value.field == "eventTime"
     else:
-        assert validate(event, now, policy, PriceBook([])).late == (outcome == "late")
+        assert validate(event, now, BOUNDS_POLICY, PriceBook([])).late == (outcome == "late")
