@@ -711,6 +711,42 @@ def test_ingest_handoff_settles_each_request_once_and_leaves_no_record_for_unaut
     assert (items.settled, items.already_settled) == (0, 1)
 
 
+def test_ingest_handoff_keeps_the_records_it_settles_only_briefly(budget_stack: BudgetStack) -> None:
+    """A direct Settle's record waits BUDGET_SETTLED_TTL_SECONDS (days) for ingest's hand-off of
+    the request; once the hand-off has settled a request, or found it settled, its record is kept
+    only BUDGET_HANDOFF_SETTLED_TTL_SECONDS (never lengthened), still long enough for a late
+    direct Settle to be recognised. A reservation's record outlives its lapse by as long."""
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    reserved, direct, short, lapsing = (f"{name}-{key_id}" for name in ("kr", "kd", "ks", "kl"))
+    for request_id in (reserved, direct, short, lapsing):
+        assert authorize(stub, budget_stack, key_id, 200_000, request_id).allowed
+    for request_id in (direct, short):
+        stub.Settle(settle_request(key_id, 100_000, request_id), timeout=10, metadata=budget_stack.auth())
+    brief = Settings.model_fields["budget_handoff_settled_ttl_seconds"].default * 1000
+    long = Settings.model_fields["budget_settled_ttl_seconds"].default * 1000
+    reservation = int(Settings.model_fields["budget_reservation_ttl_seconds"].default * 1000)
+    record = "{{tally:budget}}:r:{}".format
+    with budget_stack.redis_client() as client:
+        assert long - 60_000 < client.pttl(record(direct)) <= long
+        assert reservation + brief - 60_000 < client.pttl(record(lapsing)) <= reservation + brief
+        client.pexpire(record(short), 30_000)
+    stub.Release(budget_pb2.ReleaseRequest(request_id=lapsing), timeout=10, metadata=budget_stack.auth())
+
+    handoff = _handoff(key_id, [(reserved, 150_000, 0), (direct, 100_000, 0), (short, 100_000, 0)])
+    batch = stub.SettleBatch(handoff, timeout=10, metadata=budget_stack.auth())
+    assert (batch.settled, batch.already_settled) == (1, 2)
+    with budget_stack.redis_client() as client:
+        for request_id in (reserved, direct):
+            assert client.hget(record(request_id), "st") == b"s"
+            assert brief - 60_000 < client.pttl(record(request_id)) <= brief
+        assert 0 < client.pttl(record(short)) <= 30_000
+    for request_id in (reserved, direct):
+        late = stub.Settle(settle_request(key_id, 100_000, request_id), timeout=10, metadata=budget_stack.auth())
+        assert late.already_settled
+        assert late.remaining[0].committed_micros == 350_000
+
+
 def test_a_handoff_of_only_unauthorized_requests_settles_each_once(budget_stack: BudgetStack) -> None:
     """A hand-off chunk in which no request has a record (none was authorized or settled
     directly: the script then skips every per-request lookup) still settles each request,

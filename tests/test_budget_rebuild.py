@@ -100,8 +100,7 @@ async def _settle(
             SpendChunk(*groups, spend_groups),
             [(0, handed)],
             handoff_id=uuid.uuid4().hex,
-            settled_ttl_ms=60_000,
-            done_ttl_ms=60_000,
+            remember_ms=60_000,
         )
     assert (result.outcome, result.settled) == (Outcome.DONE, len(items))
 

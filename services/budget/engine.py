@@ -423,7 +423,7 @@ class BudgetEngine:
             authorize,
             settle,
             ttl_ms=self._ttl_ms,
-            record_ttl_ms=self._ttl_ms + self._settled_ttl_ms,
+            record_ttl_ms=self._ttl_ms + self._handoff_ttl_ms,
             settled_ttl_ms=self._settled_ttl_ms,
             authorize_chunk=AUTHORIZE_BATCH,
             settle_chunk=SETTLE_CHUNK,
@@ -562,8 +562,7 @@ class BudgetEngine:
                 chunk,
                 [(number, parts[number]) for number in todo],
                 handoff_id=handoff.handoff_id,
-                settled_ttl_ms=self._settled_ttl_ms,
-                done_ttl_ms=self._handoff_ttl_ms,
+                remember_ms=self._handoff_ttl_ms,
             )
             return [
                 (chunk, dataclasses.replace(result, already_settled=len(parts[n][0])) if result.replayed else result)

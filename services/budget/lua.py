@@ -407,25 +407,28 @@ end
 # none (never authorized) adds its spend and is only remembered in the hour's set of request ids
 # handed over (for a later direct Settle of it; see _HANDED_OVER) instead of getting a record of
 # its own: a set member costs Redis a fraction of a key with an expiry, in memory and in time.
-# A chunk already applied (its marker `done` exists) changes nothing again.
+# Ingest hands each stored request over once, so after this the only thing left to recognise is
+# a late direct Settle: a record this settles, or finds settled by a direct Settle (which kept it
+# for days, waiting for this hand-off), is kept only `remember` ms from now (as long as the set).
+# A chunk already applied (its marker `done`, also kept `remember` ms, exists) changes nothing.
 # KEYS: loaded, rexp, rebuild, rebuild log, then the key table (config, counter and provider keys)
-# ARGV: default per, default tz, settled marker ttl ms, reservation key prefix, prefix of the
-#       hand-off sets, this chunk's done marker, its ttl ms, key groups and global groups (JSON,
-#       as SETTLE_SPEND), spend groups (JSON: key group #, global group #, provider, transaction
-#       id), items (JSON: three columns: request ids, actuals (numbers), spend group #s 0-based)
+# ARGV: default per, default tz, remember ms, reservation key prefix, prefix of the hand-off
+#       sets, this chunk's done marker, key groups and global groups (JSON, as SETTLE_SPEND),
+#       spend groups (JSON: key group #, global group #, provider, transaction id), items (JSON:
+#       three columns: request ids, actuals (numbers), spend group #s 0-based)
 # -> as SETTLE_SPEND, or {3} when the chunk had been applied before
 SETTLE_HANDOFF = (
     _HELPERS
     + _BATCH_HELPERS
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local dper, dtz, settled_ttl, prefix, hprefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local kgroups, ggroups = cjson.decode(ARGV[8]), cjson.decode(ARGV[9])
+local dper, dtz, remember, prefix, hprefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local kgroups, ggroups = cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
 """
     + _SPEND_BEGIN
     + """
-if not redis.call('SET', ARGV[6], '1', 'NX', 'PX', ARGV[7]) then return {3} end
-local sgroups, columns = cjson.decode(ARGV[10]), cjson.decode(ARGV[11])
+if not redis.call('SET', ARGV[6], '1', 'NX', 'PX', remember) then return {3} end
+local sgroups, columns = cjson.decode(ARGV[9]), cjson.decode(ARGV[10])
 local rids, actuals, sis = columns[1], columns[2], columns[3]
 local sadd, bare, nbare = {}, {}, 0
 -- One EXISTS over every item's record first: usually no item has one (its request was never
@@ -441,6 +444,7 @@ for i = 1, #rids do
   if any then r = redis.call('HMGET', rk, 'st', 'a', 'c1', 'c2') end
   if r[1] == 's' then
     already = already + 1
+    redis.call('PEXPIRE', rk, remember, 'LT')
   else
     settled = settled + 1
     sadd[si] = (sadd[si] or 0) + actual
@@ -452,7 +456,7 @@ for i = 1, #rids do
       local g = sgroups[si]
       redis.call('HSET', rk, 'st', 's', 'k', kgroups[g[1]][1], 'a', string.format('%.0f', actual))
       redis.call('HDEL', rk, 'c1', 'c2', 'x')
-      redis.call('PEXPIRE', rk, settled_ttl)
+      redis.call('PEXPIRE', rk, remember)
     end
   end
 end

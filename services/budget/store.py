@@ -567,25 +567,25 @@ class BudgetStore:
         item_chunks: Sequence[tuple[int, HandoffColumns]],
         *,
         handoff_id: str,
-        settled_ttl_ms: int,
-        done_ttl_ms: int,
+        remember_ms: int,
     ) -> list[SpendResult]:
         """Settles ingest's hand-off (lua.SETTLE_HANDOFF): `groups` holds the spend groups (one
         SpendItem each, with no request id) and their counter groups; each item chunk (its
         number in the hand-off, and its items as three columns: request ids, actuals, spend group
         indexes) is one script run, all in one pipeline. A chunk applied before (same
-        `handoff_id` and number) changes nothing."""
+        `handoff_id` and number) changes nothing. The chunk, and each request it settles or finds
+        settled, is remembered for `remember_ms` from now (a request's record no longer)."""
         table = _KeyTable((LOADED_KEY, EXPIRY_KEY, REBUILD_KEY, REBUILD_LOG_KEY))
         key_groups, global_groups = self._group_tables(groups, table)
         spend_groups = _json(
             [(i.key_group + 1, i.global_group + 1, i.provider, str(i.transaction_id)) for i in groups.items]
         )
-        head = [self.default.period, self.default.tz, settled_ttl_ms, RESERVATION_PREFIX, HANDOFF_PREFIX]
+        head = [self.default.period, self.default.tz, remember_ms, RESERVATION_PREFIX, HANDOFF_PREFIX]
         calls = [
             (
                 table.keys,
-                [*head, f"{HANDOFF_DONE_PREFIX}{handoff_id}:{number}", done_ttl_ms, key_groups, global_groups,
-                 spend_groups, _json(columns)],
+                [*head, f"{HANDOFF_DONE_PREFIX}{handoff_id}:{number}", key_groups, global_groups, spend_groups,
+                 _json(columns)],
             )
             for number, columns in item_chunks
         ]  # fmt: skip

@@ -132,14 +132,19 @@ class Settings(BaseSettings):
         300.0, gt=0, description="A reservation not settled or released within this time lapses and is given back."
     )
     budget_settled_ttl_seconds: int = Field(
-        8 * 86400, gt=0, description="How long a settled request id is remembered (Settle idempotency)."
+        8 * 86400,
+        gt=0,
+        description=(
+            "How long a request settled directly is remembered while its usage has not reached ingest"
+            " (Settle idempotency against ingest's hand-off of it)."
+        ),
     )
     budget_handoff_settled_ttl_seconds: int = Field(
         3600,
         gt=0,
         description=(
-            "How long SettleBatch (ingest's hand-off) remembers a request id it settled that had no"
-            " reservation: long enough to recognise a retried direct Settle of it."
+            "How long ingest's hand-off remembers a request it settled or found settled (and a lapsed or"
+            " released reservation's record is kept): long enough to recognise a late direct Settle of it."
         ),
     )
     budget_counter_retention_seconds: int = Field(
