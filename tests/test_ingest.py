@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from tally.runtime.config import ServiceName
+from tally.runtime.config import ServiceName, Settings
 from tally.usage import live
 from tests.conftest import Stack
 from tests.usage_support import EventFactory, TestPrice, expected_cost_micros, recent
@@ -573,6 +573,38 @@ def test_live_counters_follow_commits(
     assert [int(v or 0) for v in client.hmget(live.hour_key(old), old_fields)] == [20, old_cost]
     assert [int(v or 0) for v in client.hmget(live.day_key(old, ZoneInfo("UTC")), old_fields)] == [20, old_cost]
     assert client.hmget(live.minute_key(old), old_fields) == [None, None]
+
+
+def test_live_counters_are_complete_only_from_when_none_can_be_missing(stack: Stack) -> None:
+    """Ingest's flushes keep the instant from which the live counters hold every committed event
+    (readers compute earlier buckets from the database): after Redis lost it, or once a replica
+    stopped heartbeating (it died, maybe with counts unflushed), it becomes now + the future skew
+    (an event committed before may be that far ahead); otherwise it never moves."""
+    client = redis.Redis.from_url(stack.redis.url)
+    skew_ms = Settings.model_fields["ingest_future_skew_seconds"].default * 1000
+
+    def raised_above(value: int) -> int:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            since = client.get(live.SINCE_KEY)
+            if since is not None and int(since) > value:
+                return int(since)
+            time.sleep(0.1)
+        raise AssertionError(f"{live.SINCE_KEY} stayed at {client.get(live.SINCE_KEY)!r}")
+
+    lost = time.time() * 1000
+    client.delete(live.SINCE_KEY)
+    assert raised_above(0) >= lost + skew_ms
+
+    client.set(live.SINCE_KEY, 1)
+    time.sleep(1.5)  # three flushes: nothing is missing, nothing moves
+    assert client.get(live.SINCE_KEY) == b"1"
+
+    died = time.time() * 1000
+    client.zadd(live.REPLICAS_KEY, {"dead-replica": died - live.REPLICA_STALE_MS - 1000})
+    assert raised_above(1) >= died + skew_ms
+    assert client.zscore(live.REPLICAS_KEY, "dead-replica") is None
+    assert client.zcard(live.REPLICAS_KEY) >= 1  # the running ingest's own heartbeat
 
 
 def test_price_api_validation_and_import(stack: Stack) -> None:

@@ -20,6 +20,7 @@ from psycopg._copy_base import format_row_binary
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 from pydantic import SecretStr
+from redis.asyncio import Redis as AsyncRedis
 
 from services.ingest.aftercommit import AfterCommit, Outcome
 from services.ingest.events import MAX_COUNT, IngestPolicy, Rejected, ValidEvent, validate
@@ -30,6 +31,7 @@ from tally.ingest.v1 import ingest_pb2
 from tally.runtime.config import Settings
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations
+from tally.usage import live
 from tally.usage.compaction import compact_provider_minutes, merge_rollups
 from tally.usage.schema import COPY_TYPES, HOURLY, MERGED_ROLLUPS, ROLLUP_SUMS
 from tests.conftest import fresh_database
@@ -685,3 +687,41 @@ def test_time_bounds_are_exact_to_the_microsecond(age: timedelta, outcome: str) 
         assert caught.value.field == "eventTime"
     else:
         assert validate(event, now, BOUNDS_POLICY, PriceBook([])).late == (outcome == "late")
+
+
+async def test_live_counts_not_flushed_make_their_buckets_incomplete(infra: tuple[Postgres, Redis, Path]) -> None:
+    """Counts lost to an unreachable Redis or to a full after-commit queue make every bucket up
+    to their last minute incomplete: the next flush that reaches Redis raises the live counters'
+    complete-since instant past that minute (never lowers it), and only then forgets it."""
+    factory = EventFactory(seed=41, models=MODELS)
+    events = valid_events(factory, 300)
+    first, second = events[:200], events[200:]
+    end_of = {
+        name: (max(e.epoch_seconds for e in part) // 60 + 1) * 60_000 for name, part in (("a", first), ("b", second))
+    }
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never used: nothing is settled
+    down = AsyncRedis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=1)  # nothing listens there
+    after = AfterCommit(down, channel, SecretStr("k"), ZoneInfo("UTC"), queue_size=1)
+    after._fold(Outcome.of(first, 0, 0, transaction_id=1))
+    await after._flush_counters()
+    assert not after.redis_ok
+    assert after._live_floor_ms == end_of["a"]
+    after.submit(Outcome.of([], 0, 0))  # fills the queue (nothing folds it here)
+    after.submit(Outcome.of(second, 0, 0, transaction_id=2))  # dropped
+    assert after._live_floor_ms == max(end_of.values())
+
+    up = AsyncRedis.from_url(infra[1].url.rsplit("/", 1)[0] + "/9")  # a database of its own
+    try:
+        await up.set(live.SINCE_KEY, 1)
+        after._redis = up
+        await after._flush_counters()
+        assert after.redis_ok and after._live_floor_ms == 0
+        assert int(await up.get(live.SINCE_KEY)) == max(end_of.values())
+        await up.set(live.SINCE_KEY, 10**15)
+        await after._flush_counters()
+        assert int(await up.get(live.SINCE_KEY)) == 10**15  # never lowered
+    finally:
+        await up.flushdb()
+        await up.aclose()
+        await down.aclose()
+        await channel.close()

@@ -203,6 +203,16 @@ class AnalyticsQueries:
             {"ws": window.start, "we": window.end, "width": width},
         )
 
+    async def raw_totals(self, window: Window) -> Totals:
+        """Requests, tokens and cost of the raw events in the window (short windows only)."""
+        row = await self._db.fetch_one(
+            f"""SELECT count(*)::bigint AS requests, coalesce(sum({TOTAL_TOKENS_SQL}), 0)::bigint AS tokens,
+                       coalesce(sum(cost_micros), 0)::bigint AS cost_micros
+                FROM usage_events WHERE event_time >= %(ws)s AND event_time < %(we)s""",  # noqa: S608
+            {"ws": window.start, "we": window.end},
+        )
+        return Totals.of(row)
+
     async def minute_series(self, window: Window) -> list[dict[str, Any]]:
         """Per-minute measures straight from the raw events (short windows only)."""
         return await self._db.fetch_all(

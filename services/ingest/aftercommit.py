@@ -54,6 +54,23 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
 
+# Raises the instant from which the live counters are complete (see tally.usage.live), records
+# this replica's heartbeat and detects replicas that died. Run first in every flush.
+# KEYS: since, replicas. ARGV: instance, now ms, future skew ms, floor ms (0 = none), stale ms.
+_LIVE_HEARTBEAT = """
+local now, skew, want, stale = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local since = redis.call('GET', KEYS[1])
+if not since then want = math.max(want, now + skew) end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - stale)
+if #gone > 0 then
+  want = math.max(want, now + skew)
+  redis.call('ZREM', KEYS[2], unpack(gone))
+end
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+if not since or tonumber(since) < want then redis.call('SET', KEYS[1], string.format('%d', want)) end
+"""
+
+
 _KEY_TEXT = attrgetter("key_text")
 _MODEL = attrgetter("provider", "model")
 _TOKENS = attrgetter("tokens")
@@ -105,8 +122,10 @@ class AfterCommit:
         zone: ZoneInfo,
         queue_size: int = 64,
         settle_batch: int = SETTLE_BATCH,
+        future_skew_seconds: int = 300,
     ) -> None:
         self._redis = redis
+        self._skew_ms = future_skew_seconds * 1000
         self._settle_batch = settle_batch
         self._budget = budget_pb2_grpc.BudgetServiceStub(budget)
         self._master_key = master_key
@@ -116,6 +135,10 @@ class AfterCommit:
         self._ttl: dict[str, int] = {}
         # The hour and day hash of each minute hash counted since the last flush.
         self._minute_parents: dict[str, tuple[str, str]] = {}
+        # The end (epoch ms) of the last minute counted since the last flush, and how far the
+        # next flush must raise the live counters' complete-since instant (counts were lost).
+        self._unflushed_end_ms = 0
+        self._live_floor_ms = 0
         self._stats: Counter[str] = Counter()
         self._rates: Counter[int] = Counter()
         self._last_ingest = 0.0
@@ -145,6 +168,10 @@ class AfterCommit:
             await asyncio.wait_for(self.flush(), 5)
         for task in self._tasks:
             task.cancel()
+        if self.redis_ok and not self._live_floor_ms and not self._counters:
+            # Every count flushed: leave the replicas cleanly (not taken for dead).
+            with contextlib.suppress(Exception):
+                await self._redis.zrem(live.REPLICAS_KEY, self._instance)
 
     def submit(self, outcome: Outcome) -> None:
         try:
@@ -152,6 +179,9 @@ class AfterCommit:
         except asyncio.QueueFull:
             DROPPED.labels("queue", "full").inc()
             self._mark_unreconciled(outcome.accepted, "after-commit queue full")
+            if outcome.accepted:
+                last = max(event.epoch_seconds for event in outcome.accepted)
+                self._live_floor_ms = max(self._live_floor_ms, (last // 60 + 1) * 60_000)
         QUEUE_DEPTH.set(self._queue.qsize())
 
     async def _fold_forever(self) -> None:
@@ -188,6 +218,7 @@ class AfterCommit:
             age = now - minute * 60
             if age >= live.DAY_TTL_SECONDS:
                 continue
+            self._unflushed_end_ms = max(self._unflushed_end_ms, (minute + 1) * 60_000)
             totals = self._minute_totals(events)
             at = events[0].event_time
             if age < live.MINUTE_TTL_SECONDS:  # then its hour's and day's hashes live too
@@ -266,30 +297,40 @@ class AfterCommit:
     async def _flush_counters(self) -> None:
         self._roll_up_minutes()
         counters, ttl, stats, rates = self._counters, self._ttl, self._stats, self._rates
-        if not counters and not stats:
-            return
         self._counters, self._ttl, self._stats, self._rates = defaultdict(Counter), {}, Counter(), Counter()
+        unflushed_end, self._unflushed_end_ms = self._unflushed_end_ms, 0
+        floor = self._live_floor_ms
         try:
             pipe = self._redis.pipeline(transaction=False)
+            pipe.eval(
+                _LIVE_HEARTBEAT, 2, live.SINCE_KEY, live.REPLICAS_KEY,
+                self._instance, int(time.time() * 1000), self._skew_ms, floor, live.REPLICA_STALE_MS,
+            )  # fmt: skip
             for key, fields in counters.items():
                 args: list[str | int] = [ttl[key]]
                 for name, amount in fields.items():
                     args += (name, amount)
                 pipe.eval(_ADD_TO_FIELDS, 1, key, *args)
             stats_key = live.INGEST_STATS_KEY
-            pipe.hsetnx(stats_key, "since", int(self._last_ingest or time.time()))
+            if counters or stats:
+                pipe.hsetnx(stats_key, "since", int(self._last_ingest or time.time()))
             for name, amount in stats.items():
                 if amount:
                     pipe.hincrby(stats_key, name, amount)
-            if self._last_ingest:
+            if self._last_ingest and stats:
                 pipe.hset(stats_key, "last_ingest", int(self._last_ingest * 1000))
             for minute, amount in rates.items():
                 pipe.incrby(live.rate_key(minute), amount)
                 pipe.expire(live.rate_key(minute), live.RATE_TTL_SECONDS)
             await pipe.execute()
             self.redis_ok = True
+            if self._live_floor_ms == floor:
+                self._live_floor_ms = 0
         except Exception as exc:
             self.redis_ok = False
+            # Some of these counts may be lost: the buckets up to their last minute are not
+            # complete any more.
+            self._live_floor_ms = max(self._live_floor_ms, unflushed_end)
             DROPPED.labels("redis", type(exc).__name__).inc()
             log.warning("live counters not updated: redis unavailable", extra={"error": repr(exc)})
 

@@ -318,6 +318,7 @@ async def build(resources: Resources) -> Sequence[Registration]:
         settings.admin_master_key,
         settings.zone,
         settle_batch=min(SETTLE_BATCH, settings.ingest_max_batch),
+        future_skew_seconds=settings.ingest_future_skew_seconds,
     )
     after.start()
 

@@ -6,6 +6,18 @@ Per event-time bucket, one hash: `tally:live:min:<epoch minute>`, `tally:live:ho
 `m|<provider>|<model>|requests`, `m|<provider>|<model>|cost`, `p|<provider>|requests`,
 `p|<provider>|cost`. Only committed (accepted) events are counted. The counters are hot state:
 everything in them can be recomputed from the rollups.
+
+They are complete only from an instant on, kept in `SINCE_KEY` (epoch ms): a bucket starting
+at or after it holds every committed event of its time; an earlier bucket may lack some (Redis
+lost its data, an ingest process could not flush, or one died with unflushed counts), and its
+readers compute it from the database instead. Ingest raises the instant, never lowers it, in
+the first command of every flush (`ingest.aftercommit`):
+- when the key is absent (Redis is new or lost its data): to now + the future skew, past the
+  event time of anything committed before (an event may be that far in the future);
+- to past the last minute of counts it could not flush (Redis unreachable, queue full);
+- when a replica's heartbeat in `REPLICAS_KEY` (instance -> last flush, epoch ms) is older than
+  REPLICA_STALE_MS (it died, maybe with counts not flushed): to now + the future skew. A replica
+  that stops cleanly flushes and removes itself.
 """
 
 from __future__ import annotations
@@ -16,6 +28,11 @@ from zoneinfo import ZoneInfo
 MINUTE_TTL_SECONDS = 2 * 3600
 HOUR_TTL_SECONDS = 2 * 86400
 DAY_TTL_SECONDS = 3 * 86400
+
+# One hash tag: the flush script reads and writes both keys (also on a Redis Cluster).
+SINCE_KEY = "{tally:live}:since"
+REPLICAS_KEY = "{tally:live}:replicas"
+REPLICA_STALE_MS = 15_000
 
 INGEST_STATS_KEY = "tally:ingest:stats"
 RATE_TTL_SECONDS = 2 * 3600
@@ -36,3 +53,9 @@ def day_key(at: datetime, zone: ZoneInfo) -> str:
 def rate_key(epoch_minute: int) -> str:
     """Accepted events per arrival minute (for ingestion rates)."""
     return f"tally:ingest:rate:{epoch_minute}"
+
+
+def complete(since: bytes | str | None, bucket_start: datetime) -> bool:
+    """Whether the live hash of the bucket starting at `bucket_start` holds every committed event
+    of its time (`since`: the value of SINCE_KEY)."""
+    return since is not None and int(bucket_start.timestamp() * 1000) >= int(since)
