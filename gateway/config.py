@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.bodycheck import HEADER, body_check_lua
 from tally.runtime.config import ServiceName, Settings
 
 GATEWAY_DIR = Path(__file__).resolve().parent
@@ -58,15 +59,70 @@ class GatewayLayout:
         )
 
 
-def _error_body() -> dict[str, Any]:
+def _error_body(status: str) -> dict[str, Any]:
     return {
         "success": False,
         "error": {
             "httpStatus": "%RESPONSE_CODE%",
+            "status": status,
             "message": "%LOCAL_REPLY_BODY%",
             "reason": "%RESPONSE_CODE_DETAILS%",
         },
     }
+
+
+# Envoy's own error replies in the services' error shape, with the gRPC status name of each HTTP
+# status it produces (the services' errors carry theirs).
+_LOCAL_REPLY_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}  # fmt: skip
+
+
+def _status_is(op: str, code: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {"op": op, "value": {"default_value": code, "runtime_key": "tally.local_reply_status"}}
+        }
+    }
+
+
+def _local_reply_mappers() -> list[dict[str, Any]]:
+    unknown_field = {
+        "filter": {"header_filter": {"header": {"name": HEADER, "present_match": True}}},
+        "body_format_override": {
+            "json_format": {
+                "success": False,
+                "error": {
+                    "httpStatus": "%RESPONSE_CODE%",
+                    "status": "INVALID_ARGUMENT",
+                    "message": "%LOCAL_REPLY_BODY%",
+                    "details": [
+                        {
+                            "@type": "type.googleapis.com/google.rpc.BadRequest",
+                            "fieldViolations": [
+                                {"field": "%REQ(" + HEADER + ")%", "description": "is not a field of this request"}
+                            ],
+                        }
+                    ],
+                },
+            },
+            "content_type": "application/json",
+        },
+    }
+    by_status = [
+        {
+            "filter": _status_is("EQ", code),
+            "body_format_override": {"json_format": _error_body(name), "content_type": "application/json"},
+        }
+        for code, name in _LOCAL_REPLY_STATUS.items()
+    ]
+    other = {
+        "filter": _status_is("GE", 400),
+        "body_format_override": {"json_format": _error_body("UNKNOWN"), "content_type": "application/json"},
+    }
+    return [unknown_field, *by_status, other]
 
 
 # gRPC errors arrive from the transcoder as a google.rpc.Status JSON ({"code": 3, "message": ...,
@@ -177,28 +233,17 @@ def build_envoy_config(layout: GatewayLayout) -> dict[str, Any]:
             "max_direct_response_body_size_bytes": 8 * 1024 * 1024,
             "virtual_hosts": [{"name": "tally", "domains": ["*"], "routes": routes}],
         },
-        # Envoy's own error replies (no route, bad JSON, unknown query parameter) as JSON bodies.
-        "local_reply_config": {
-            "mappers": [
-                {
-                    "filter": {
-                        "status_code_filter": {
-                            "comparison": {
-                                "op": "GE",
-                                "value": {"default_value": 400, "runtime_key": "tally.local_reply_min_status"},
-                            }
-                        }
-                    },
-                    "body_format_override": {"json_format": _error_body(), "content_type": "application/json"},
-                }
-            ]
-        },
+        # Envoy's own error replies (no route, bad JSON, unknown query parameter or body field)
+        # as JSON bodies.
+        "local_reply_config": {"mappers": _local_reply_mappers()},
         "http_filters": [
             {
                 "name": "envoy.filters.http.lua",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": _ERROR_ENVELOPE_LUA},
+                    "default_source_code": {
+                        "inline_string": _ERROR_ENVELOPE_LUA + body_check_lua(DESCRIPTOR_PATH.read_bytes())
+                    },
                 },
             },
             transcoder,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 
+import httpx
 import pytest
 
 from tally.usage.schema import HOURLY
@@ -133,6 +135,7 @@ def test_unknown_route_is_404_json(stack: Stack) -> None:
         assert r.status_code == 404
         assert r.json()["success"] is False
         assert r.json()["error"]["httpStatus"] == 404
+        assert r.json()["error"]["status"] == "NOT_FOUND"
 
 
 def test_unknown_query_parameter_is_400_naming_it(stack: Stack) -> None:
@@ -141,7 +144,45 @@ def test_unknown_query_parameter_is_400_naming_it(stack: Stack) -> None:
     assert response.status_code == 400
     error = response.json()
     assert error["success"] is False
+    assert error["error"]["status"] == "INVALID_ARGUMENT"
     assert "colour" in error["error"]["message"]
+
+
+def _field_violations(response: httpx.Response) -> list[str]:
+    error = response.json()["error"]
+    assert error["status"] == "INVALID_ARGUMENT"
+    bad_request = next(d for d in error["details"] if d["@type"].endswith("google.rpc.BadRequest"))
+    return [v["field"] for v in bad_request["fieldViolations"]]
+
+
+def test_unknown_body_field_is_400_naming_it_and_changes_nothing(stack: Stack) -> None:
+    """The transcoder would drop a JSON field the request does not have; the gateway refuses the
+    request instead, naming the field by its path (a typo must not wipe alerts, widen an export
+    or bill nothing). Both JSON names of a field are accepted, and map keys are data."""
+    key_id = str(uuid.uuid4())
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {"requestId": uuid.uuid4().hex, "eventTime": now, "virtualKeyId": key_id, "provider": "p", "model": "m",
+             "operation": "chat.completions", "inputTokens": 10, "tags": {"anyKey": "x", "team": "y"}}  # fmt: skip
+    with stack.http() as client:
+        alerts = client.get("/api/admin/budgets/alerts").json()["data"]
+        typo = client.put("/api/admin/budgets/alerts", json={"globalBudgetAlert": {"enabled": False}})
+        assert client.get("/api/admin/budgets/alerts").json()["data"] == alerts
+        nested = client.post(
+            "/api/admin/analytics/export",
+            json={"format": "csv", "period": "30d", "filters": {"virtualKey": [key_id]}},
+        )
+        batch = client.post("/api/admin/usage/batch", json={"events": [event, {**event, "inputTokenz": 5}]})
+        assert client.get(f"/api/admin/virtual-keys/{key_id}").status_code == 404  # nothing stored
+        good = client.post("/api/admin/usage/batch", json={"events": [{**event, "input_tokens": 10}]})
+        named = client.put(f"/api/admin/virtual-keys/{key_id}", json={"key_name": "snake case works"})
+    assert typo.status_code == 400
+    assert _field_violations(typo) == ["globalBudgetAlert"]
+    assert "globalBudgetAlert" in typo.json()["error"]["message"]
+    assert nested.status_code == 400 and _field_violations(nested) == ["filters.virtualKey"]
+    assert batch.status_code == 400 and _field_violations(batch) == ["events[1].inputTokenz"]
+    assert good.status_code == 200, good.text
+    assert good.json()["data"]["accepted"] == 1, good.text
+    assert named.status_code == 200 and named.json()["data"]["keyName"] == "snake case works"
 
 
 def test_malformed_json_body_is_400(stack: Stack) -> None:
