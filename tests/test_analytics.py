@@ -388,6 +388,30 @@ def test_virtual_key_analytics(astack: AnalyticsStack, dataset: Dataset) -> None
     )
 
 
+def test_key_budget_status_projects_the_month_whatever_the_period(astack: AnalyticsStack, dataset: Dataset) -> None:
+    """budgetStatus is in every key's answer: projectedMonthlySpend is the month's spend so far
+    (configured timezone) / its days so far x its days, the same for every analysed period; a key
+    with no budget reports its spend this month, no maximum, and is on track."""
+    now = datetime.now(UTC)
+    local = now.astimezone(ZONE)
+    month_start = datetime.combine(local.date().replace(day=1), datetime.min.time(), ZONE)
+    month_days = ((local.date().replace(day=1) + timedelta(days=32)).replace(day=1) - local.date().replace(day=1)).days
+    for key in (dataset.keys[1], dataset.budget_key):
+        month = sum(cost(e) for e in dataset.events if e.virtual_key_id == key and at(e) >= month_start)
+        answers = [
+            astack.get(f"/virtual-keys/{key}/analytics", period=period)["budgetStatus"] for period in ("24h", "90d")
+        ]
+        assert answers[0] == answers[1]
+        status = answers[0]
+        assert micros(status["projectedMonthlySpend"]) == round(month / local.day * month_days)
+        if key == dataset.keys[1]:
+            assert micros(status["usedBudget"]) == month
+            assert (status["maxBudget"], status["remainingBudget"], status["utilizationPercentage"]) == (0, 0, 0)
+            assert status["onTrackForBudget"] is True
+        elif dataset.budget_set:
+            assert status["maxBudget"] == 5000.0 and status["onTrackForBudget"] is True
+
+
 def test_compare_virtual_keys(astack: AnalyticsStack, dataset: Dataset) -> None:
     keys = dataset.keys[:3]
     with astack.http() as client:

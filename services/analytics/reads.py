@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
 
@@ -86,7 +87,9 @@ class BudgetView:
     max_budget_micros: int
     spent_micros: int
     period: str
+    period_start: datetime
     period_end: datetime | None
+    zone: ZoneInfo
 
 
 class AnalyticsReads:
@@ -324,10 +327,12 @@ class AnalyticsReads:
         where = "key_id = %(key)s::uuid"
         # The key's hourly series (per-key rollup) gives the summary, bands and trends; only the
         # model and operation breakdowns need the full rollups (read through their key index).
-        hours, model_ops, budget = await asyncio.gather(
+        month = self._month_so_far(now)
+        hours, model_ops, budget, month_spend = await asyncio.gather(
             self._q.hourly_series(window, where, Rollup.KEY, key=key),
             self._q.grouped(window, "model, operation", where, rollup=Rollup.FULL, columns=("key_id",), key=key),
             self._key_budget(key),
+            self._q.totals(month, where, Rollup.KEY, columns=("key_id",), key=key),
         )
         total = Totals.total(hours)
         by_model: dict[str, Totals] = defaultdict(Totals)
@@ -352,8 +357,7 @@ class AnalyticsReads:
                 cost_per_token=usd(model.ratio(total.cost_micros, total.tokens)),
             )
         )
-        if budget is not None:
-            data.budget_status.CopyFrom(self._budget_status(budget, hours, window, now))
+        data.budget_status.CopyFrom(self._budget_status(budget, month_spend.cost_micros, now))
         usage = data.usage_breakdown
         for name, t in by_model.items():
             usage.by_model[name].CopyFrom(
@@ -412,28 +416,45 @@ class AnalyticsReads:
                 )
         return data
 
-    def _budget_status(
-        self, budget: BudgetView, hours: Sequence[dict[str, Any]], window: Window, now: datetime
-    ) -> pb.VirtualKeyBudgetStatus:
-        """projectedMonthlySpend = the key's average daily spend over the analysed window x the days
-        of the current month (configured timezone); onTrackForBudget = the spend so far in the budget
-        period plus that daily rate over the period's remaining time stays within maxBudget."""
-        spent_in_window = sum(int(r["cost_micros"]) for r in hours)
-        daily_rate = spent_in_window / window.days
+    def _month_so_far(self, now: datetime) -> Window:
+        """The current month in the configured timezone up to the end of the current hour (the
+        month's start is rounded down to the hour for zones with a fractional offset)."""
         local = now.astimezone(self._zone)
-        month_start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        next_month = (month_start + timedelta(days=32)).replace(day=1)
-        month_days = (next_month.date() - month_start.date()).days
-        end = budget.period_end if budget.period_end is not None else next_month.astimezone(UTC)
-        remaining_days = max(0.0, (end - now) / DAY)
-        projected_period = budget.spent_micros + daily_rate * remaining_days
+        start = datetime.combine(local.date().replace(day=1), datetime.min.time(), self._zone).astimezone(UTC)
+        return Window(floor_to(start, HOUR), floor_to(now, HOUR) + HOUR)
+
+    def _budget_status(self, budget: BudgetView | None, month_spend: int, now: datetime) -> pb.VirtualKeyBudgetStatus:
+        """projectedMonthlySpend = the key's spend so far this month (configured timezone) / the
+        month's days so far (today included) x the month's days, as the global budget status
+        projects, whatever period is analysed. With a budget: usedBudget is the spend in its
+        current period, and onTrackForBudget holds when that spend's daily average over the
+        period's days so far, kept for the whole period, stays within maxBudget (a 'total' budget:
+        when the spend is within it). A key with no budget reports its spend this month as
+        usedBudget, no maximum, and is on track."""
+        local = now.astimezone(self._zone)
+        month_first = local.date().replace(day=1)
+        month_days = ((month_first + timedelta(days=32)).replace(day=1) - month_first).days
+        projected_month = month_spend / (local.date().day) * month_days
+        if budget is None:
+            return pb.VirtualKeyBudgetStatus(
+                used_budget=usd(month_spend),
+                projected_monthly_spend=usd(round(projected_month)),
+                on_track_for_budget=True,
+            )
+        on_track = budget.spent_micros <= budget.max_budget_micros
+        if budget.period_end is not None:
+            today = now.astimezone(budget.zone).date()
+            elapsed = max(1, (today - budget.period_start.astimezone(budget.zone).date()).days + 1)
+            last_day = (budget.period_end - timedelta(microseconds=1)).astimezone(budget.zone).date()
+            period_days = elapsed + max(0, (last_day - today).days)
+            on_track = budget.spent_micros / elapsed * period_days <= budget.max_budget_micros
         return pb.VirtualKeyBudgetStatus(
             max_budget=usd(budget.max_budget_micros),
             used_budget=usd(budget.spent_micros),
             remaining_budget=usd(max(0, budget.max_budget_micros - budget.spent_micros)),
             utilization_percentage=model.ratio(budget.spent_micros, budget.max_budget_micros),
-            projected_monthly_spend=usd(daily_rate * month_days),
-            on_track_for_budget=projected_period <= budget.max_budget_micros,
+            projected_monthly_spend=usd(round(projected_month)),
+            on_track_for_budget=on_track,
         )
 
     async def _open_reservations(self) -> int:
@@ -465,7 +486,14 @@ class AnalyticsReads:
         if budget.max_budget <= 0:
             return None
         end = budget.period_end.ToDatetime(tzinfo=UTC) if budget.HasField("period_end") else None
-        return BudgetView(round(budget.max_budget * MICROS), round(budget.current_spend * MICROS), budget.period, end)
+        start = budget.period_start.ToDatetime(tzinfo=UTC)
+        try:
+            zone = ZoneInfo(budget.timezone) if budget.timezone else self._zone
+        except (ZoneInfoNotFoundError, ValueError):
+            zone = self._zone
+        return BudgetView(
+            round(budget.max_budget * MICROS), round(budget.current_spend * MICROS), budget.period, start, end, zone
+        )
 
     # ================================================================== compare
     async def compare_keys(

@@ -733,17 +733,21 @@ class VirtualKeyBudgetStatus(_message.Message):
     PROJECTED_MONTHLY_SPEND_FIELD_NUMBER: _builtins.int
     ON_TRACK_FOR_BUDGET_FIELD_NUMBER: _builtins.int
     max_budget: _builtins.float
-    """Budget limit in USD for the key's current budget period."""
+    """Budget limit in USD for the key's current budget period; 0 when the key has no budget."""
     used_budget: _builtins.float
-    """Spend in USD in the current budget period."""
+    """Spend in USD in the current budget period (no budget: in the current month)."""
     remaining_budget: _builtins.float
-    """max_budget - used_budget in USD (never negative)."""
+    """max_budget - used_budget in USD (never negative; 0 without a budget)."""
     utilization_percentage: _builtins.float
-    """used_budget / max_budget, 0..1 (may exceed 1 once overspent)."""
+    """used_budget / max_budget, 0..1 (may exceed 1 once overspent; 0 without a budget)."""
     projected_monthly_spend: _builtins.float
-    """Spend in USD projected for the whole current month at the current rate."""
+    """The month's spend so far / its days so far x its days (configured timezone), whatever
+    period is analysed.
+    """
     on_track_for_budget: _builtins.bool
-    """True when projected_monthly_spend stays within max_budget."""
+    """True when the period's spend, at its daily average so far, stays within max_budget over the
+    whole budget period (a 'total' budget: when the spend is within it); true without a budget.
+    """
     def __init__(
         self,
         *,
