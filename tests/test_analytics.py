@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from services.analytics import model
+from services.analytics.reads import forecast_candidates
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.devstack import Postgres, Redis, Suite
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -786,3 +787,16 @@ def test_per_key_and_per_dimension_answers_match_the_events(astack: AnalyticsSta
         of_op = [e for e in mine if e.operation == name]
         assert entry["requests"] == len(of_op) and micros(entry["cost"]) == sum(cost(e) for e in of_op)
         assert entry["percentage"] == pytest.approx(sum(cost(e) for e in of_op) / total)
+
+
+def test_budget_forecast_lists_top_spenders_and_the_most_utilized_budgeted_keys() -> None:
+    """A key with a budget is forecast even when it is not among the top spenders (its risk is
+    what the forecast is for); each key once, top spenders first."""
+
+    def fit(projected: float) -> model.Forecast:
+        return model.Forecast(projected, projected, projected, 0.0, [], [], 0.0, 0.0)
+
+    fits = [(f"k{i:02d}", fit(float(i))) for i in range(30)]
+    budgeted = ["k01", "k28", "k25", "k00", "no-history", "k02"]
+    chosen = [key for key, _ in forecast_candidates(fits, budgeted, limit=3)]
+    assert chosen == ["k29", "k28", "k27", "k01", "k25"]  # the 3 most utilized with a history: k01, k28, k25

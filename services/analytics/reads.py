@@ -74,6 +74,23 @@ async def _ready(value: dict[str, int]) -> dict[str, int]:
     return value
 
 
+RISK_ORDER = {"high": 0, "medium": 1, "low": 2}
+
+
+def forecast_candidates(
+    fits: Sequence[tuple[str, model.Forecast]], budgeted: Sequence[str], limit: int
+) -> list[tuple[str, model.Forecast]]:
+    """The keys a budget forecast lists: the `limit` with the highest projected spend, and the
+    `limit` most utilized of those with a budget (`budgeted`, most utilized first) that have a
+    spend history, each once."""
+    ranked = sorted(fits, key=lambda kf: (-kf[1].projected, kf[0]))
+    chosen = dict(ranked[:limit])
+    by_key = dict(fits)
+    for key_id in [k for k in budgeted if k in by_key][:limit]:
+        chosen.setdefault(key_id, by_key[key_id])
+    return list(chosen.items())
+
+
 def _stamp(message: Any, field: str, at: datetime) -> None:
     getattr(message, field).FromDatetime(at.astimezone(UTC).replace(tzinfo=None))
 
@@ -1174,11 +1191,11 @@ class AnalyticsReads:
                 history[-FORECAST_TRAINING_DAYS:], start.date(), horizon_days, FORECAST_CONFIDENCE
             )
             fits.append((key_id, fit))
-        fits.sort(key=lambda kf: (-kf[1].projected, kf[0]))
-        fits = fits[:KEY_FORECASTS]
-        names = await self._q.key_names([k for k, _ in fits])
-        budgets = await asyncio.gather(*(self._key_budget(k) for k, _ in fits))
-        for (key_id, fit), budget in zip(fits, budgets, strict=True):
+        chosen = forecast_candidates(fits, await self._budgeted_keys(), KEY_FORECASTS)
+        names = await self._q.key_names([k for k, _ in chosen])
+        budgets = await asyncio.gather(*(self._key_budget(k) for k, _ in chosen))
+        rows = []
+        for (key_id, fit), budget in zip(chosen, budgets, strict=True):
             risk = "low"
             if budget is not None:
                 end = budget.period_end or (now + horizon_days * DAY)
@@ -1187,6 +1204,8 @@ class AnalyticsReads:
                 projected_period = budget.spent_micros / MICROS + daily_rate * remaining_days
                 share = model.ratio(projected_period, budget.max_budget_micros / MICROS)
                 risk = "high" if share >= 1 else "medium" if share >= 0.8 else "low"
+            rows.append((RISK_ORDER[risk], -fit.projected, key_id, fit, risk))
+        for _, _, key_id, fit, risk in sorted(rows, key=lambda row: row[:3]):
             data.key_forecasts.add(
                 key_id=key_id,
                 key_name=names.get(key_id, key_id),
@@ -1194,6 +1213,20 @@ class AnalyticsReads:
                 budget_required=fit.upper,
                 risk_level=risk,
             )
+
+    async def _budgeted_keys(self) -> list[str]:
+        """The keys that have a budget, most utilized first (empty when budget cannot answer)."""
+        if self._budget is None:
+            return []
+        try:
+            reply = await self._budget.GetBudgetStatus(
+                budget_pb2.GetBudgetStatusRequest(),
+                timeout=self._settings.analytics_budget_timeout_seconds,
+                metadata=call_metadata(self._settings.admin_master_key),
+            )
+        except grpc.aio.AioRpcError:
+            return []
+        return [usage.key_id for usage in reply.data.budget_breakdown.by_virtual_key]
 
     async def _global_budget_for(self, horizon_days: int) -> float | None:
         """The global budget in USD scaled to the horizon (a `total` budget: what remains of it)."""
