@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from services.analytics import model
-from services.analytics.reads import forecast_candidates
+from services.analytics.reads import AnalyticsReads, forecast_candidates
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.devstack import Postgres, Redis, Suite
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -566,6 +566,23 @@ def test_anomaly_detector_finds_an_injected_spike() -> None:
     found = model.seasonal_outliers(series, hours)
     assert [o.index for o in found] == [200] and found[0].z > 0
     assert model.severity(found[0].z) in ("high", "critical")
+
+
+def test_quiet_weekends_are_not_anomalies_once_the_window_holds_two_weeks() -> None:
+    """Four weeks of hourly traffic with weekends at 40% of weekdays and one real spike: only the
+    spike is an anomaly (against the median of the same hour on all days, every weekend hour of
+    working time was a drop)."""
+    start = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
+    starts = [start + timedelta(hours=i) for i in range(24 * 28)]
+    requests = [(100.0 + 40 * math.sin(t.hour / 24 * 2 * math.pi)) * (0.4 if t.weekday() >= 5 else 1) for t in starts]
+    requests[300] *= 5
+    zeros = [0.0] * len(starts)
+    weekly = [(t.hour, t.weekday() >= 5) for t in starts]
+    found = AnalyticsReads._anomalies(starts, requests, zeros, zeros, weekly, weekly=True)
+    assert [(at, kind) for at, kind, *_ in found] == [(starts[300], "usage_spike")]
+    assert "typical weekend 12:00 UTC hour" in found[0][2]  # hour 300 is a Saturday noon
+    by_hour_only = AnalyticsReads._anomalies(starts, requests, zeros, zeros, [(t.hour, False) for t in starts])
+    assert sum(1 for _, kind, *_ in by_hour_only if kind == "usage_drop") > 0
 
 
 # ------------------------------------------------------------------------------------ cost optimization

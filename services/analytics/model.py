@@ -10,9 +10,10 @@
 - seasonality: the autocorrelation of the hourly request series at lags 24 h and 168 h;
   strength = the larger one clipped to 0..1; detected when strength >= SEASONALITY_MIN (0.3).
 - anomalies: robust z-scores of an hourly series against its seasonal baseline (the median of
-  the same hour of day), scaled by 1.4826 x the median absolute deviation of the residuals;
-  |z| >= ANOMALY_Z (4) is an anomaly; severity by |z|: >= 10 critical, >= 7 high, >= 5 medium,
-  else low.
+  the same hour of day; of weekend days apart from weekdays once the window holds two weeks, so
+  a quiet weekend is not a drop; the current, unfinished hour is not judged), scaled by
+  1.4826 x the median absolute deviation of the residuals; |z| >= ANOMALY_Z (4) is an anomaly;
+  severity by |z|: >= 10 critical, >= 7 high, >= 5 medium, else low.
 - forecast: ordinary least squares on daily spend y_t = a + b t + s_dow(t) (a linear trend
   plus additive day-of-week effects that sum to zero), trained on up to the last 90 whole UTC
   days. The horizon's spend is the sum of the daily predictions (floored at 0); its prediction
@@ -26,7 +27,7 @@ import functools
 import math
 import operator
 import statistics
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -145,23 +146,24 @@ def severity(z: float) -> str:
 
 
 def seasonal_outliers(
-    series: Sequence[float], hour_of_day: Sequence[int], *, min_baseline: float = 1.0
+    series: Sequence[float], seasons: Sequence[Hashable], *, min_baseline: float = 1.0
 ) -> list[Outlier]:
-    """Points whose robust z-score against the median of their hour of day is >= ANOMALY_Z."""
+    """Points whose robust z-score against the median of their season (e.g. their hour of day)
+    is >= ANOMALY_Z."""
     if len(series) < 48:
         return []
-    by_hour: dict[int, list[float]] = {}
-    for value, hour in zip(series, hour_of_day, strict=True):
-        by_hour.setdefault(hour, []).append(value)
-    baseline = {hour: statistics.median(values) for hour, values in by_hour.items()}
-    residuals = [value - baseline[hour] for value, hour in zip(series, hour_of_day, strict=True)]
+    by_season: dict[Hashable, list[float]] = {}
+    for value, season in zip(series, seasons, strict=True):
+        by_season.setdefault(season, []).append(value)
+    baseline = {season: statistics.median(values) for season, values in by_season.items()}
+    residuals = [value - baseline[season] for value, season in zip(series, seasons, strict=True)]
     mad = statistics.median(abs(r - statistics.median(residuals)) for r in residuals)
     # A floor on the spread keeps a near-constant series from turning noise into anomalies.
     typical = statistics.median(abs(v) for v in series) or 1.0
     scale = max(MAD_SCALE * mad, 0.05 * typical, 1e-9)
     found = []
-    for index, (value, hour) in enumerate(zip(series, hour_of_day, strict=True)):
-        base = baseline[hour]
+    for index, (value, season) in enumerate(zip(series, seasons, strict=True)):
+        base = baseline[season]
         z = (value - base) / scale
         if abs(z) >= ANOMALY_Z and max(base, value) >= min_baseline:
             found.append(Outlier(index, value, base, z))

@@ -796,8 +796,15 @@ class AnalyticsReads:
                     user_segments=segments_list,
                 )
             )
-        # anomalies
-        anomalies = self._anomalies(starts, requests, costs, failures, hour_of_day)
+        # anomalies: each hour against the typical value of its hour of day, apart for weekend days
+        # once the window holds two weeks (a quiet Saturday is not a drop); the current hour is
+        # not over, so it is left out.
+        weekly = window.days >= 14
+        seasons = [(t.hour, weekly and t.weekday() >= 5) for t in local]
+        done = sum(1 for start in starts if start + HOUR <= now)
+        anomalies = self._anomalies(
+            starts[:done], requests[:done], costs[:done], failures[:done], seasons[:done], weekly
+        )
         anomalies.sort(key=lambda a: a[0], reverse=True)
         if analysis == "summary":
             anomalies = anomalies[:5]
@@ -812,10 +819,20 @@ class AnalyticsReads:
         requests: Sequence[float],
         costs: Sequence[float],
         failures: Sequence[float],
-        hour_of_day: Sequence[int],
+        seasons: Sequence[tuple[int, bool]],
+        weekly: bool = False,
     ) -> list[tuple[datetime, str, str, str, str]]:
+        """Outliers of each hourly series against the median of its season: (hour of day, weekend
+        day or not: always False unless `weekly`)."""
+
+        def typical(index: int) -> str:
+            at = starts[index]
+            if not weekly:
+                return f"{at.hour:02d}:00 UTC hour"
+            return f"{'weekend' if seasons[index][1] else 'weekday'} {at.hour:02d}:00 UTC hour"
+
         found: list[tuple[datetime, str, str, str, str]] = []
-        for outlier in model.seasonal_outliers(requests, hour_of_day, min_baseline=10):
+        for outlier in model.seasonal_outliers(requests, seasons, min_baseline=10):
             at = starts[outlier.index]
             change = model.growth(outlier.value, outlier.baseline)
             if outlier.z > 0:
@@ -823,7 +840,7 @@ class AnalyticsReads:
                     (
                         at,
                         "usage_spike",
-                        f"{change:.0%} more requests than the typical {at.hour:02d}:00 UTC hour "
+                        f"{change:.0%} more requests than the typical {typical(outlier.index)} "
                         f"({outlier.value:.0f} vs {outlier.baseline:.0f})",
                         "cost_increase",
                         model.severity(outlier.z),
@@ -834,13 +851,13 @@ class AnalyticsReads:
                     (
                         at,
                         "usage_drop",
-                        f"{-change:.0%} fewer requests than the typical {at.hour:02d}:00 UTC hour "
+                        f"{-change:.0%} fewer requests than the typical {typical(outlier.index)} "
                         f"({outlier.value:.0f} vs {outlier.baseline:.0f})",
                         "cost_decrease",
                         model.severity(outlier.z),
                     )
                 )
-        for outlier in model.seasonal_outliers(costs, hour_of_day, min_baseline=MICROS):
+        for outlier in model.seasonal_outliers(costs, seasons, min_baseline=MICROS):
             if outlier.z <= 0:
                 continue
             at = starts[outlier.index]
@@ -849,13 +866,13 @@ class AnalyticsReads:
                     at,
                     "cost_spike",
                     f"spend of ${usd(outlier.value):.2f} against a typical ${usd(outlier.baseline):.2f} "
-                    f"for {at.hour:02d}:00 UTC ({model.growth(outlier.value, outlier.baseline):.0%} increase)",
+                    f"for the {typical(outlier.index)} ({model.growth(outlier.value, outlier.baseline):.0%} increase)",
                     "cost_increase",
                     model.severity(outlier.z),
                 )
             )
         rates = [model.ratio(f, r) for f, r in zip(failures, requests, strict=True)]
-        for outlier in model.seasonal_outliers(failures, hour_of_day, min_baseline=5):
+        for outlier in model.seasonal_outliers(failures, seasons, min_baseline=5):
             if outlier.z <= 0:
                 continue
             at = starts[outlier.index]

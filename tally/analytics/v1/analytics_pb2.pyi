@@ -1982,7 +1982,9 @@ class BudgetForecast(_message.Message):
 
     @_builtins.property
     def key_forecasts(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyForecast]:
-        """Per-key forecasts over the horizon, highest projected spend first."""
+        """Per-key forecasts over the horizon: the 20 keys of highest projected spend and the 20 most
+        utilized keys with a budget, each once; highest risk first, then highest projected spend.
+        """
 
     @_builtins.property
     def growth_factors(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrowthFactor]:
