@@ -246,6 +246,11 @@ def test_invalid_requests_are_400_naming_the_field(rstack: ReportingStack) -> No
         assert _violations(client.put("/api/admin/analytics/webhooks", json=hooks)) == {
             "endpoints[0].url", "endpoints[0].events[0]", "endpoints[0].retryPolicy.maxRetries"
         }  # fmt: skip
+        for size in (0, 1001):  # 0 given is not "not given" (which means 100)
+            batching = {"enabled": True, "batchSettings": {"enabled": True, "batchSize": size}}
+            assert _violations(client.put("/api/admin/analytics/webhooks", json=batching)) == {
+                "batchSettings.batchSize"
+            }
 
 
 # ---------------------------------------------------------------------------------------------- export

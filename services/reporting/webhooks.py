@@ -172,7 +172,7 @@ class WebhookStore:
         out: list[EndpointInput] = []
         seen: set[uuid.UUID] = set()
         batch = request.batch_settings
-        if batch.batch_size < 0 or batch.batch_size > 1000:
+        if batch.HasField("batch_size") and not 1 <= batch.batch_size <= 1000:
             violations.add("batchSettings.batchSize", "must be between 1 and 1000")
         if batch.flush_interval < 0 or batch.flush_interval > 86400:
             violations.add("batchSettings.flushInterval", "must be between 0 and 86400 seconds")
@@ -246,13 +246,14 @@ class WebhookStore:
             existing = {row[0] for row in await cur.fetchall()}
             endpoints = self._validate(request, existing)
             batch = request.batch_settings
+            size = batch.batch_size if batch.HasField("batch_size") else DEFAULT_BATCH_SIZE
             await conn.execute(
                 """INSERT INTO webhook_settings (id, enabled, batch_enabled, batch_size, flush_interval)
                    VALUES (1, %s, %s, %s, %s)
                    ON CONFLICT (id) DO UPDATE SET enabled = EXCLUDED.enabled,
                        batch_enabled = EXCLUDED.batch_enabled, batch_size = EXCLUDED.batch_size,
                        flush_interval = EXCLUDED.flush_interval, updated_at = now()""",
-                (request.enabled, batch.enabled, batch.batch_size or DEFAULT_BATCH_SIZE, batch.flush_interval),
+                (request.enabled, batch.enabled, size, batch.flush_interval),
             )
             kept = [e.endpoint_id for e in endpoints]
             await conn.execute(

@@ -309,21 +309,23 @@ class WebhookBatchSettings(_message.Message):
     enabled: _builtins.bool
     """When true, events are sent in batches; otherwise one event per request."""
     batch_size: _builtins.int
-    """Maximum events per batch, 1..1000."""
+    """Maximum events per batch, 1..1000; 100 when not given."""
     flush_interval: _builtins.int
     """Maximum wait before a partial batch is sent, seconds."""
     def __init__(
         self,
         *,
         enabled: _builtins.bool = ...,
-        batch_size: _builtins.int = ...,
+        batch_size: _builtins.int | None = ...,
         flush_interval: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "batch_size", b"batch_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "enabled", b"enabled", "flush_interval", b"flush_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "batch_size", b"batch_size", "enabled", b"enabled", "flush_interval", b"flush_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
 
 Global___WebhookBatchSettings: _TypeAlias = WebhookBatchSettings  # noqa: Y015
 
