@@ -6,6 +6,8 @@ and the committed `envoy.compose.yaml` (compose service names), so both run the 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,7 @@ def _error_body(status: str) -> dict[str, Any]:
 # Envoy's own error replies in the services' error shape, with the gRPC status name of each HTTP
 # status it produces (the services' errors carry theirs).
 _LOCAL_REPLY_STATUS = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED",
     413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }  # fmt: skip
@@ -153,6 +155,27 @@ end
 _HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
+def _method_not_allowed_routes() -> list[dict[str, Any]]:
+    """A request the transcoder did not take whose path is a REST route's (so its method is not
+    one of the route's) is answered 405 with the methods allowed. Paths with no variable first,
+    so `/virtual-keys/compare` is not taken for `/virtual-keys/{keyId}`."""
+    paths: dict[str, list[str]] = json.loads(OPENAPI_PATH.read_text())["paths"]
+    routes = []
+    for template in sorted(paths, key=lambda t: ("{" in t, t)):
+        regex = "^" + "[^/]+".join(re.escape(part) for part in re.split(r"\{[^}]*\}", template)) + "$"
+        allowed = ", ".join(verb.upper() for verb in paths[template])
+        routes.append(
+            {
+                "match": {"safe_regex": {"regex": regex}},
+                "direct_response": {"status": 405, "body": {"inline_string": f"this path allows {allowed}"}},
+                "response_headers_to_add": [
+                    {"header": {"key": "allow", "value": allowed}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                ],
+            }
+        )
+    return routes
+
+
 def _cluster(service: ServiceName, host: str, port: int) -> dict[str, Any]:
     return {
         "name": service.value,
@@ -194,6 +217,7 @@ def build_envoy_config(layout: GatewayLayout) -> dict[str, Any]:
             ],
         }
     )
+    routes += _method_not_allowed_routes()
     routes.append(
         {
             "match": {"prefix": "/"},

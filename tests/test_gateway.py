@@ -131,11 +131,18 @@ def test_unknown_route_is_404_json(stack: Stack) -> None:
     with stack.http() as client:
         response = client.get("/api/admin/no/such/route")
         wrong_verb = client.delete("/api/admin/analytics/pipeline-health")
-    for r in (response, wrong_verb):
-        assert r.status_code == 404
+        wrong_verb_with_id = client.post(f"/api/admin/virtual-keys/{uuid.uuid4()}/budget", json={})
+    assert response.status_code == 404
+    assert response.json()["success"] is False
+    assert response.json()["error"]["httpStatus"] == 404
+    assert response.json()["error"]["status"] == "NOT_FOUND"
+    # A known path with a method it does not take: 405, with the methods it does.
+    for r, allowed in ((wrong_verb, "GET"), (wrong_verb_with_id, "GET, PUT")):
+        assert r.status_code == 405
+        assert r.headers["allow"] == allowed
         assert r.json()["success"] is False
-        assert r.json()["error"]["httpStatus"] == 404
-        assert r.json()["error"]["status"] == "NOT_FOUND"
+        assert r.json()["error"]["status"] == "UNIMPLEMENTED"
+        assert allowed in r.json()["error"]["message"]
 
 
 def test_unknown_query_parameter_is_400_naming_it(stack: Stack) -> None:
