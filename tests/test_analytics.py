@@ -384,6 +384,7 @@ def test_virtual_key_analytics(astack: AnalyticsStack, dataset: Dataset) -> None
         assert budget["remainingBudget"] == pytest.approx(5000.0 - budget["usedBudget"])
     hourly = astack.get(f"/virtual-keys/{key}/analytics", period="7d", breakdown="hourly")
     assert hourly["dailyTrend"] == []
+    assert len(hourly["hourlyTrend"]) == 7 * 24  # every hour, zeros where empty
     assert sum(p["requests"] for p in hourly["hourlyTrend"]) == len(
         [e for e in dataset.current if e.virtual_key_id == key]
     )

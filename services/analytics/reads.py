@@ -412,11 +412,17 @@ class AnalyticsReads:
             day["cost"] += cost
             day["errors"] += int(row["failures"])
             day["hours"][local.hour] += requests
-            if breakdown == "hourly":
-                point = data.hourly_trend.add(
-                    requests=requests, tokens=int(row["tokens"]), cost=usd(cost), errors=int(row["failures"])
-                )
-                _stamp(point, "timestamp", row["bucket"])
+        if breakdown == "hourly":  # every hour of the window, as dailyTrend has every day
+            by_hour = {row["bucket"]: row for row in hours}
+            at = window.start
+            while at < window.end:
+                row = by_hour.get(at)
+                point = data.hourly_trend.add()
+                if row is not None:
+                    point.requests, point.tokens = int(row["requests"]), int(row["tokens"])
+                    point.cost, point.errors = usd(int(row["cost_micros"])), int(row["failures"])
+                _stamp(point, "timestamp", at)
+                at += HOUR
         for band_name, (requests, cost) in bands.items():
             usage.by_time_of_day[band_name].CopyFrom(pb.TimeOfDayUsage(requests=requests, cost=usd(cost)))
         if breakdown == "daily":

@@ -636,7 +636,9 @@ class VirtualKeyAnalytics(_message.Message):
 
     @_builtins.property
     def hourly_trend(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourlyTrendPoint]:
-        """One point per UTC hour, oldest first; filled when breakdown is `hourly`."""
+        """One point per UTC hour of the window (zeros where empty), oldest first; filled when
+        breakdown is `hourly`.
+        """
 
     def __init__(
         self,
