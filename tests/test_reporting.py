@@ -318,7 +318,7 @@ def test_a_large_export_streams_with_flat_memory_and_parses_back(rstack: Reporti
             assert row["model"] == f"m{n % 7}"
             assert int(row["tokens"]) == n % 5000 + n % 300
             assert row["cost"] == usd(17 * n + 3)
-            assert int(row["latency"]) == 10 + n % 900
+            assert Decimal(row["latency"]) * 1000 == 10 + n % 900  # seconds, as the analytics answers
             assert int(row["errors"]) == (1 if n % 50 == 0 else 0)
             count += 1
         assert count == rows
@@ -346,6 +346,7 @@ def test_exports_in_every_format_match_the_events(
         lines = [json.loads(line) for line in raw.text.splitlines()]
         assert len(lines) == len(wanted)
         assert sum(Decimal(str(line["cost"])) for line in lines) * MICRO == expected_cost
+        assert sum(Decimal(str(line["latency"])) for line in lines) * 1000 == sum(e.latency_ms for e in wanted)
         assert sorted(line["timestamp"] for line in lines) == [line["timestamp"] for line in lines]
         for granularity in ("hourly", "daily"):
             body = {"format": "json", "granularity": granularity, **window, "filters": filters,

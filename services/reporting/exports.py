@@ -63,7 +63,11 @@ FIELDS: dict[str, tuple[str, str]] = {
         "g.tokens",
     ),
     "cost": ("round(e.cost_micros::numeric / 1000000, 6)", "round(g.cost_micros::numeric / 1000000, 6)"),
-    "latency": ("e.latency_ms", "round(g.latency_ms_sum::numeric / nullif(g.requests, 0), 3)"),
+    # Seconds, as the analytics answers give latency (averageLatency); to the millisecond.
+    "latency": (
+        "round(e.latency_ms::numeric / 1000, 3)",
+        "round(g.latency_ms_sum::numeric / nullif(g.requests, 0) / 1000, 6)",
+    ),
     "errors": ("(e.http_status >= 400)::int", "g.failures"),
 }  # fmt: skip
 DEFAULT_FIELDS = tuple(FIELDS)

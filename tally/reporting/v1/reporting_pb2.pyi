@@ -112,7 +112,8 @@ class ExportUsageRequest(_message.Message):
     def include_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Columns, in output order, from: "timestamp", "virtual_key_id", "virtual_key_name",
         "provider", "model", "operation", "requests", "tokens", "cost", "latency", "errors".
-        Empty = all. Unknown name -> 400 naming include_fields.
+        cost is in USD; latency in seconds (an event's, or the mean of a rollup row's requests),
+        as the analytics answers give it. Empty = all. Unknown name -> 400 naming include_fields.
         """
 
     @_builtins.property
