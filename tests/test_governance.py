@@ -16,6 +16,7 @@ import grpc
 import httpx
 import pytest
 
+from services.reporting.governance import audit_message, short_operation
 from tally.analytics.v1 import analytics_pb2
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.ingest.v1 import ingest_pb2
@@ -201,6 +202,17 @@ def test_every_route_with_every_role(stack: Stack) -> None:
                 # what the client claimed in x-forwarded-for is not taken.
                 assert ipaddress.ip_address(entry["clientIp"]), entry
                 assert entry["clientIp"] != "203.0.113.9"
+                # The same entry as an audit trail record (the seed's shape).
+                assert entry["timestamp"] == entry["time"]
+                assert entry["level"] == {"success": "Information", "denied": "Warning"}.get(expected, "Error")
+                service, method = route.full_method.lstrip("/").split("/")
+                properties = entry["properties"]
+                assert properties["operation"] == service.split(".")[-1].removesuffix("Service") + "." + method
+                assert properties["requestedBy"] == principal_id
+                assert properties["ipAddress"] == entry["clientIp"]
+                assert properties["correlationId"] == correlation_id
+                assert properties["virtualKeyId"] == entry["parameters"].get("keyId", "")
+                assert entry["message"] and (expected != "denied" or entry["message"].endswith("(denied)"))
         # Request-path calls are not audited.
         request_path = {c[1] for c in calls if c[2].permission in REQUEST_PATH_PERMISSIONS}
         assert request_path
@@ -337,3 +349,12 @@ def test_audit_log_filters_and_pagination(stack: Stack) -> None:
         # No route changes audit entries.
         assert admin.delete("/api/admin/audit-log").status_code in (404, 405)
         assert admin.put("/api/admin/audit-log", json={}).status_code in (404, 405)
+
+
+def test_audit_messages_say_what_happened() -> None:
+    analytics = "tally.analytics.v1.AnalyticsService/GetVirtualKeyAnalytics"
+    assert short_operation(analytics) == "Analytics.GetVirtualKeyAnalytics"
+    assert audit_message(analytics, "success", "OK") == "Virtual key analytics accessed"
+    alerts = "tally.budget.v1.BudgetService/UpdateBudgetAlerts"
+    assert audit_message(alerts, "denied", "PERMISSION_DENIED") == "Budget alerts changed (denied)"
+    assert audit_message(alerts, "error", "INVALID_ARGUMENT") == "Budget alerts changed (failed: INVALID_ARGUMENT)"

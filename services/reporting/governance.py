@@ -6,6 +6,7 @@ audit log in tally/runtime/audit.py. The audit log is read-only through the API.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -177,9 +178,59 @@ class AuditLogReader:
                     outcome=row["outcome"],
                     status_code=row["status_code"],
                     duration_ms=row["duration_ms"],
+                    timestamp=_ts(row["time"]),
+                    level=_LEVELS.get(row["outcome"], "Error"),
+                    message=audit_message(row["operation"], row["outcome"], row["status_code"]),
+                    properties=reporting_pb2.AuditProperties(
+                        operation=short_operation(row["operation"]),
+                        virtual_key_id=str(_first(row["parameters"], "keyId", "virtualKeyId")),
+                        period=str(_first(row["parameters"], "period")),
+                        requested_by=row["principal"],
+                        ip_address=row["client_ip"],
+                        correlation_id=row["correlation_id"],
+                    ),
                 )
             )
         if len(rows) > size:
             last = rows[size - 1]
             page.next_page_token = encode_page_token([last["time"].isoformat(), str(last["entry_id"])])
         return page
+
+
+_LEVELS = {"success": "Information", "denied": "Warning", "error": "Error"}
+_VERBS = {
+    "Get": "accessed", "List": "listed", "Update": "changed", "Upsert": "changed", "Create": "created",
+    "Delete": "deleted", "Export": "exported", "Import": "imported", "Run": "run", "Replay": "replayed",
+    "Enable": "enabled", "Disable": "disabled", "Reconcile": "reconciled", "Recalculate": "recalculated",
+    "Compare": "compared", "Record": "recorded",
+}  # fmt: skip
+
+
+def short_operation(operation: str) -> str:
+    """ "tally.analytics.v1.AnalyticsService/GetUsageTrends" -> "Analytics.GetUsageTrends"."""
+    service, _, method = operation.rpartition("/")
+    return f"{service.rsplit('.', 1)[-1].removesuffix('Service')}.{method}"
+
+
+def audit_message(operation: str, outcome: str, status_code: str) -> str:
+    """A sentence for an audit entry: "GetVirtualKeyAnalytics" -> "Virtual key analytics accessed";
+    " (denied)" or " (failed: <status>)" unless it succeeded."""
+    method = operation.rpartition("/")[2]
+    words = re.findall(r"[A-Z][a-z0-9]*|[a-z0-9]+", method)
+    verb = words[0] if words else ""
+    done = _VERBS.get(verb)
+    rest = " ".join(w.lower() for w in (words[1:] if done else words)) or method
+    text = f"{rest[:1].upper()}{rest[1:]} {done or 'called'}"
+    if outcome == "denied":
+        return f"{text} (denied)"
+    if outcome != "success":
+        return f"{text} (failed: {status_code})"
+    return text
+
+
+def _first(parameters: dict[str, Any] | None, *names: str) -> Any:
+    for name in names:
+        value = (parameters or {}).get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""

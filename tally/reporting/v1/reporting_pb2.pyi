@@ -1556,6 +1556,10 @@ class AuditLogEntry(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PROPERTIES_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     """Entry id."""
     operation: _builtins.str
@@ -1578,6 +1582,10 @@ class AuditLogEntry(_message.Message):
     """gRPC status code name (e.g. "OK", "PERMISSION_DENIED")."""
     duration_ms: _builtins.float
     """Call duration, milliseconds."""
+    level: _builtins.str
+    """"Information" (success), "Warning" (denied) or "Error"."""
+    message: _builtins.str
+    """What happened, e.g. "Virtual key analytics accessed", "Budget alerts changed (denied)"."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the call was received."""
@@ -1585,6 +1593,14 @@ class AuditLogEntry(_message.Message):
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """The request's parameters, with secrets removed."""
+
+    @_builtins.property
+    def timestamp(self) -> _timestamp_pb2.Timestamp:
+        """The entry as an audit trail record (the seed's shape): when the call was received (= time)."""
+
+    @_builtins.property
+    def properties(self) -> Global___AuditProperties:
+        """The call's properties."""
 
     def __init__(
         self,
@@ -1600,14 +1616,60 @@ class AuditLogEntry(_message.Message):
         outcome: _builtins.str = ...,
         status_code: _builtins.str = ...,
         duration_ms: _builtins.float = ...,
+        timestamp: _timestamp_pb2.Timestamp | None = ...,
+        level: _builtins.str = ...,
+        message: _builtins.str = ...,
+        properties: Global___AuditProperties | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "properties", b"properties", "time", b"time", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ip", b"client_ip", "correlation_id", b"correlation_id", "duration_ms", b"duration_ms", "entry_id", b"entry_id", "operation", b"operation", "outcome", b"outcome", "parameters", b"parameters", "principal", b"principal", "role", b"role", "status_code", b"status_code", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ip", b"client_ip", "correlation_id", b"correlation_id", "duration_ms", b"duration_ms", "entry_id", b"entry_id", "level", b"level", "message", b"message", "operation", b"operation", "outcome", b"outcome", "parameters", b"parameters", "principal", b"principal", "properties", b"properties", "role", b"role", "status_code", b"status_code", "time", b"time", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditLogEntry: _TypeAlias = AuditLogEntry  # noqa: Y015
+
+@_typing.final
+class AuditProperties(_message.Message):
+    """An audit trail record's properties."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    VIRTUAL_KEY_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    operation: _builtins.str
+    """Short operation name, e.g. "Analytics.GetVirtualKeyAnalytics"."""
+    virtual_key_id: _builtins.str
+    """The virtual key the call named (its keyId or virtualKeyId parameter), if any."""
+    period: _builtins.str
+    """The period the call asked for, if any."""
+    requested_by: _builtins.str
+    """The caller (= principal)."""
+    ip_address: _builtins.str
+    """Client IP (= client_ip)."""
+    correlation_id: _builtins.str
+    """Correlation id of the call."""
+    def __init__(
+        self,
+        *,
+        operation: _builtins.str = ...,
+        virtual_key_id: _builtins.str = ...,
+        period: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        ip_address: _builtins.str = ...,
+        correlation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "ip_address", b"ip_address", "operation", b"operation", "period", b"period", "requested_by", b"requested_by", "virtual_key_id", b"virtual_key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditProperties: _TypeAlias = AuditProperties  # noqa: Y015
 
 @_typing.final
 class ListAuditLogRequest(_message.Message):
