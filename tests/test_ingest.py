@@ -577,9 +577,10 @@ def test_live_counters_follow_commits(
 
 def test_live_counters_are_complete_only_from_when_none_can_be_missing(stack: Stack) -> None:
     """Ingest's flushes keep the instant from which the live counters hold every committed event
-    (readers compute earlier buckets from the database): after Redis lost it, or once a replica
-    stopped heartbeating (it died, maybe with counts unflushed), it becomes now + the future skew
-    (an event committed before may be that far ahead); otherwise it never moves."""
+    (readers compute earlier buckets from the database): after Redis lost it, when another Redis
+    process answers (a restart from an append-only file), or once a replica stopped heartbeating
+    (it died, maybe with counts unflushed), it becomes now + the future skew (an event committed
+    before may be that far ahead); otherwise it never moves."""
     client = redis.Redis.from_url(stack.redis.url)
     skew_ms = Settings.model_fields["ingest_future_skew_seconds"].default * 1000
 
@@ -600,6 +601,11 @@ def test_live_counters_are_complete_only_from_when_none_can_be_missing(stack: St
     time.sleep(1.5)  # three flushes: nothing is missing, nothing moves
     assert client.get(live.SINCE_KEY) == b"1"
 
+    restarted = time.time() * 1000
+    client.set(live.RUN_KEY, "the run id of a Redis process before a restart")
+    assert raised_above(1) >= restarted + skew_ms
+
+    client.set(live.SINCE_KEY, 1)
     died = time.time() * 1000
     client.zadd(live.REPLICAS_KEY, {"dead-replica": died - live.REPLICA_STALE_MS - 1000})
     assert raised_above(1) >= died + skew_ms

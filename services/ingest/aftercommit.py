@@ -56,11 +56,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 
 # Raises the instant from which the live counters are complete (see tally.usage.live), records
 # this replica's heartbeat and detects replicas that died. Run first in every flush.
-# KEYS: since, replicas. ARGV: instance, now ms, future skew ms, floor ms (0 = none), stale ms.
+# KEYS: since, replicas, run. ARGV: instance, now ms, future skew ms, floor ms (0 = none), stale ms.
 _LIVE_HEARTBEAT = """
 local now, skew, want, stale = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local since = redis.call('GET', KEYS[1])
 if not since then want = math.max(want, now + skew) end
+-- Another Redis process than at the last flush (a restart that reloaded its append-only file,
+-- which may lack the last second of writes; a failover): the counters may lack counts.
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if redis.call('GET', KEYS[3]) ~= run then
+  want = math.max(want, now + skew)
+  redis.call('SET', KEYS[3], run)
+end
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - stale)
 if #gone > 0 then
   want = math.max(want, now + skew)
@@ -303,7 +310,7 @@ class AfterCommit:
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.eval(
-                _LIVE_HEARTBEAT, 2, live.SINCE_KEY, live.REPLICAS_KEY,
+                _LIVE_HEARTBEAT, 3, live.SINCE_KEY, live.REPLICAS_KEY, live.RUN_KEY,
                 self._instance, int(time.time() * 1000), self._skew_ms, floor, live.REPLICA_STALE_MS,
             )  # fmt: skip
             for key, fields in counters.items():

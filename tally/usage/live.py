@@ -12,8 +12,10 @@ at or after it holds every committed event of its time; an earlier bucket may la
 lost its data, an ingest process could not flush, or one died with unflushed counts), and its
 readers compute it from the database instead. Ingest raises the instant, never lowers it, in
 the first command of every flush (`ingest.aftercommit`):
-- when the key is absent (Redis is new or lost its data): to now + the future skew, past the
-  event time of anything committed before (an event may be that far in the future);
+- when the key is absent (Redis is new or lost its data), or another Redis process answers
+  than at the last flush (`RUN_KEY`: a restart that reloaded an append-only file, which may lack
+  the last second of writes, or a failover): to now + the future skew, past the event time of
+  anything committed before (an event may be that far in the future);
 - to past the last minute of counts it could not flush (Redis unreachable, queue full);
 - when a replica's heartbeat in `REPLICAS_KEY` (instance -> last flush, epoch ms) is older than
   REPLICA_STALE_MS (it died, maybe with counts not flushed): to now + the future skew. A replica
@@ -32,6 +34,7 @@ DAY_TTL_SECONDS = 3 * 86400
 # One hash tag: the flush script reads and writes both keys (also on a Redis Cluster).
 SINCE_KEY = "{tally:live}:since"
 REPLICAS_KEY = "{tally:live}:replicas"
+RUN_KEY = "{tally:live}:run"  # the run id of the Redis process the last flush wrote to
 REPLICA_STALE_MS = 15_000
 
 INGEST_STATS_KEY = "tally:ingest:stats"
