@@ -1081,6 +1081,26 @@ def test_flushall_then_totals_are_rebuilt_exactly_from_the_database(budget_stack
     assert 'tally_budget_reconciles_total{trigger="not_loaded"} 1.0' in metrics
 
 
+def test_counters_are_rebuilt_when_redis_restarted_since_they_were_loaded(budget_stack: BudgetStack) -> None:
+    """A Redis that restarts from its append-only file keeps the `loaded` marker but may lack its
+    last second of writes: the budget service sees the marker was set in another Redis process
+    (run id) and rebuilds the counters from the database within seconds."""
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    ingest(budget_stack, stub, key_id, 1_500_000, provider="restart-provider")
+    with budget_stack.redis_client() as client:
+        (counter,) = client.keys(f"{{tally:budget}}:c:key:{key_id}:*")
+        run = client.info("server")["run_id"]
+        marker = client.get("{tally:budget}:loaded")
+        assert marker is not None and marker.decode().startswith(f"{run}|")
+        client.hset(counter, "s", 1)  # the settle the reloaded file lacked
+        client.set("{tally:budget}:loaded", b"0" * 40 + b"|" + marker.split(b"|", 1)[1])  # loaded elsewhere
+        wait_until(lambda: client.get("{tally:budget}:loaded").decode().startswith(f"{run}|"), timeout=10)
+        assert client.hget(counter, "s") == b"1500000"
+    url = f"http://127.0.0.1:{budget_stack.env['BUDGET_METRICS_PORT']}/metrics"
+    wait_until(lambda: 'tally_budget_reconciles_total{trigger="redis_restarted"} 1.0' in httpx.get(url).text)
+
+
 def _commit_usage(conn: psycopg.Connection[Any], key_id: str, micros: int) -> tuple[str, int]:
     """Commits one event and its rollup as ingest does; its request id and transaction id."""
     at = datetime.now(UTC)

@@ -2,7 +2,10 @@
 `{tally:budget}`, so on a Redis Cluster they all live in one slot and each script is atomic.
 
 Layout (P = "{tally:budget}:"):
-  P loaded                        set by a reconcile; absent after FLUSHALL -> scripts answer NOT_LOADED
+  P loaded                        set by a reconcile ("<Redis run id>|<time>"); absent after
+                                  FLUSHALL -> scripts answer NOT_LOADED; another run id -> Redis
+                                  restarted since (from an append-only file that may lack the
+                                  last second of writes): the budget service rebuilds
   P cfg:<scope>                   hash: per, tz (the period), lim (micro-units; absent = unlimited), dis ("1")
   P c:<scope>:<per>:<tz>:<epoch>  hash: s (settled spend), r (open reservations), micro-units
   P r:<request id>                hash: st (o open, s settled, r released, x expired), k, a, c1, c2, x
@@ -47,6 +50,9 @@ local function sweep(prefix, rexp, now, limit)
     redis.call('ZREM', rexp, rid)
   end
   return #due
+end
+local function run_id()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 end
 local function expire_at(key, at)
   if at ~= '0' then redis.call('EXPIREAT', key, at) end
@@ -597,7 +603,20 @@ end
 if ARGV[2] ~= '0' and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIREAT', KEYS[2], ARGV[2]) end
 redis.call('HDEL', KEYS[3], 'until')
 redis.call('DEL', KEYS[4])
-redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1], run_id() .. '|' .. ARGV[1])
+return 1
+"""
+)
+
+# KEYS: loaded. -> 1 when the counters were loaded into another Redis process than this one (it
+# restarted since, or failed over), else 0 (loaded here, or not loaded at all).
+LOADED_ELSEWHERE = (
+    _HELPERS
+    + """
+local loaded = redis.call('GET', KEYS[1])
+if not loaded then return 0 end
+local run = run_id()
+if string.sub(loaded, 1, #run + 1) == run .. '|' then return 0 end
 return 1
 """
 )

@@ -325,6 +325,7 @@ class BudgetStore:
         self._set_scope = redis.register_script(lua.SET_SCOPE)
         self._reconcile = redis.register_script(lua.RECONCILE)
         self._finish = redis.register_script(lua.FINISH_RECONCILE)
+        self._loaded_elsewhere = redis.register_script(lua.LOADED_ELSEWHERE)
         self._begin_rebuild = redis.register_script(lua.BEGIN_REBUILD)
 
     @property
@@ -710,6 +711,11 @@ class BudgetStore:
             return 0
         reply: list[Any] = await self._reconcile(keys=keys, args=args)
         return int(reply[0])
+
+    async def loaded_elsewhere(self) -> bool:
+        """Whether the counters were loaded into another Redis process than the one answering now
+        (a restart, maybe from an append-only file lacking the last writes; a failover)."""
+        return bool(await self._loaded_elsewhere(keys=[LOADED_KEY]))
 
     async def finish_reconcile(
         self, marker: str, provider_hash: str, expire_at: int, providers: dict[str, int], snapshot: str

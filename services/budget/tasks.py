@@ -16,6 +16,7 @@ from services.budget.store import GLOBAL_SCOPE, key_scope
 from tally.notify import DeliveryWorker
 from tally.runtime.config import Settings
 
+RESTART_CHECK_SECONDS = 1.0
 log = logging.getLogger("tally.budget.tasks")
 
 
@@ -34,6 +35,7 @@ class BackgroundTasks:
             asyncio.create_task(self._every(s.budget_spike_check_seconds, self._spikes), name="spikes"),
             asyncio.create_task(self._every(s.budget_drift_check_seconds, self._drift), name="drift"),
             asyncio.create_task(self._every(s.budget_maintenance_seconds, self.maintenance), name="maintenance"),
+            asyncio.create_task(self._every(RESTART_CHECK_SECONDS, self._redis_restarted), name="redis-restart"),
         ]
 
     async def stop(self) -> None:
@@ -57,6 +59,14 @@ class BackgroundTasks:
 
     async def _spikes(self) -> None:
         await self._engine.evaluator.check_spikes()
+
+    async def _redis_restarted(self) -> None:
+        """Rebuilds the counters when Redis restarted (or failed over) since they were loaded: it
+        may have come back from an append-only file without its last second of writes, and with
+        its `loaded` marker, so nothing else would rebuild them."""
+        if await self._engine.store.loaded_elsewhere():
+            log.warning("redis restarted since the budget counters were loaded: rebuilding them")
+            await self._engine.reconcile(trigger="redis_restarted")
 
     async def _drift(self) -> None:
         if await self._engine.store.is_loaded():
