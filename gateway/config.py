@@ -135,6 +135,31 @@ local names = {[1]="CANCELLED", [2]="UNKNOWN", [3]="INVALID_ARGUMENT", [4]="DEAD
   [5]="NOT_FOUND", [6]="ALREADY_EXISTS", [7]="PERMISSION_DENIED", [8]="RESOURCE_EXHAUSTED",
   [9]="FAILED_PRECONDITION", [10]="ABORTED", [11]="OUT_OF_RANGE", [12]="UNIMPLEMENTED",
   [13]="INTERNAL", [14]="UNAVAILABLE", [15]="DATA_LOSS", [16]="UNAUTHENTICATED"}
+-- The transcoder's own refusals (a value of the wrong type, an unknown query parameter) name the
+-- field in their message, by its proto name: add the field violation, by its JSON name.
+local function with_field_violation(text)
+  if not string.find(text, '"reason":"[%w_]*grpc_json_transcode_failure', 1) then return nil end
+  local s = string.find(text, '"message":"', 1, true)
+  if s == nil then return nil end
+  local first, q = s + 11, s + 11
+  while true do
+    local a = string.find(text, '[\\\\"]', q)
+    if a == nil then return nil end
+    if string.byte(text, a) == 92 then q = a + 2 else q = a break end
+  end
+  local message = string.sub(text, first, q - 1)
+  -- An unknown query parameter is named as given; a field of the request by its proto name.
+  local field = string.match(message, '^Could not find field \\\\"([%w_%.%-]+)\\\\"')
+  if field == nil then
+    field = string.match(message, '^([%w_%.%[%]]+): ')
+    if field == nil then return nil end
+    field = string.gsub(field, "_(%l)", string.upper)
+  end
+  return '{"success":false,"error":{"httpStatus":400,"status":"INVALID_ARGUMENT","message":"' .. message
+    .. '","details":[{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"'
+    .. field .. '","description":"' .. message .. '"}]}]}}'
+end
+
 function envoy_on_response(handle)
   local status = tonumber(handle:headers():get(":status"))
   if status == nil or status < 400 then return end
@@ -143,6 +168,13 @@ function envoy_on_response(handle)
   local body = handle:body()
   if body == nil then return end
   local text = body:getBytes(0, body:length())
+  if status == 400 then
+    local rewritten = with_field_violation(text)
+    if rewritten ~= nil then
+      body:setBytes(rewritten)
+      return
+    end
+  end
   local code = string.match(text, '^{"code":(%d+)')
   if code == nil then return end
   local name = names[tonumber(code)] or "UNKNOWN"

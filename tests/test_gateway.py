@@ -153,6 +153,17 @@ def test_unknown_query_parameter_is_400_naming_it(stack: Stack) -> None:
     assert error["success"] is False
     assert error["error"]["status"] == "INVALID_ARGUMENT"
     assert "colour" in error["error"]["message"]
+    assert _field_violations(response) == ["colour"]
+
+
+def test_a_value_of_the_wrong_type_is_400_naming_the_field_by_its_json_name(stack: Stack) -> None:
+    """The transcoder refuses it naming the proto field (filters.min_cost); the answer's field
+    violation names it as the JSON has it."""
+    with stack.http() as client:
+        response = client.post("/api/admin/analytics/export", json={"format": "csv", "filters": {"minCost": "abc"}})
+    assert response.status_code == 400
+    assert response.json()["success"] is False
+    assert _field_violations(response) == ["filters.minCost"]
 
 
 def _field_violations(response: httpx.Response) -> list[str]:
