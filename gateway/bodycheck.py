@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import re
 
-from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor_pb2 import FieldDescriptorProto as F
+
+from gateway.openapi import http_routes
 
 LEAF, FREE = 0, -1
 _FREE_TYPES = {".google.protobuf.Struct", ".google.protobuf.Value", ".google.protobuf.Any"}
@@ -84,20 +85,11 @@ def body_check_lua(descriptor_set: bytes) -> str:
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
     schemas = _Schemas(_messages(fds))
     routes: list[tuple[str, str, int]] = []
-    for file in fds.file:
-        if not file.package.startswith("tally."):
+    for _file, _service, method, verb, template, rule in http_routes(fds):
+        if rule.body != "*":
             continue
-        for service in file.service:
-            for method in service.method:
-                if not method.options.HasExtension(annotations_pb2.http):
-                    continue
-                rule: http_pb2.HttpRule = method.options.Extensions[annotations_pb2.http]
-                verb = rule.WhichOneof("pattern")
-                if verb is None or verb == "custom" or rule.body != "*":
-                    continue
-                template: str = getattr(rule, verb)
-                pattern = "^" + "[^/]+".join(re.escape(part).replace("\\", "%") for part in _PATH_VAR.split(template))
-                routes.append((verb.upper(), pattern + "$", schemas.number(method.input_type)))
+        pattern = "^" + "[^/]+".join(re.escape(part).replace("\\", "%") for part in _PATH_VAR.split(template))
+        routes.append((verb.upper(), pattern + "$", schemas.number(method.input_type)))
     tables = ",\n".join(
         "  {" + ", ".join(f"[{_lua_string(name)}] = {child}" for name, child in sorted(table.items())) + "}"
         for table in schemas.tables

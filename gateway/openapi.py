@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from google.api import annotations_pb2, http_pb2
@@ -106,12 +107,20 @@ class _Renderer:
         return {"type": "object", "properties": properties, "additionalProperties": False}
 
 
-def render_openapi(descriptor_set: bytes) -> str:
-    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
-    index = _Index(fds)
-    renderer = _Renderer(index)
-    paths: dict[str, dict[str, Any]] = {}
-    for file in index.files:
+def http_routes(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> Iterator[
+    tuple[
+        descriptor_pb2.FileDescriptorProto,
+        descriptor_pb2.ServiceDescriptorProto,
+        descriptor_pb2.MethodDescriptorProto,
+        str,
+        str,
+        http_pb2.HttpRule,
+    ]
+]:
+    """Every REST route of the tally services: (file, service, method, verb, path template, rule)."""
+    for file in fds.file:
         if not file.package.startswith("tally."):
             continue
         for service in file.service:
@@ -122,51 +131,57 @@ def render_openapi(descriptor_set: bytes) -> str:
                 verb = rule.WhichOneof("pattern")
                 if verb is None or verb == "custom":
                     continue
-                template: str = getattr(rule, verb)
-                path_vars = _PATH_VAR.findall(template)
-                oa_path = _PATH_VAR.sub(lambda m: "{" + _camel(m[1]) + "}", template)
-                request = index.messages[method.input_type]
-                parameters: list[dict[str, Any]] = [
-                    {"name": _camel(v), "in": "path", "required": True, "schema": {"type": "string"}} for v in path_vars
-                ]
-                operation: dict[str, Any] = {
-                    "operationId": f"{service.name}.{method.name}",
-                    "tags": [file.package.split(".")[1]],
-                    "security": [{"bearer": []}],
-                }
-                if rule.body == "*":
-                    operation["requestBody"] = {
-                        "required": True,
-                        "content": {"application/json": {"schema": renderer.ref(method.input_type)}},
+                yield file, service, method, verb, getattr(rule, verb), rule
+
+
+def render_openapi(descriptor_set: bytes) -> str:
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
+    index = _Index(fds)
+    renderer = _Renderer(index)
+    paths: dict[str, dict[str, Any]] = {}
+    for file, service, method, verb, template, rule in http_routes(fds):
+        path_vars = _PATH_VAR.findall(template)
+        oa_path = _PATH_VAR.sub(lambda m: "{" + _camel(m[1]) + "}", template)
+        request = index.messages[method.input_type]
+        parameters: list[dict[str, Any]] = [
+            {"name": _camel(v), "in": "path", "required": True, "schema": {"type": "string"}} for v in path_vars
+        ]
+        operation: dict[str, Any] = {
+            "operationId": f"{service.name}.{method.name}",
+            "tags": [file.package.split(".")[1]],
+            "security": [{"bearer": []}],
+        }
+        if rule.body == "*":
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": renderer.ref(method.input_type)}},
+            }
+        else:
+            for field in request.field:
+                if field.name in path_vars or field.type == F.TYPE_MESSAGE:
+                    continue
+                parameters.append(
+                    {
+                        "name": field.json_name or _camel(field.name),
+                        "in": "query",
+                        "required": False,
+                        "schema": renderer.field_schema(field),
                     }
-                else:
-                    for field in request.field:
-                        if field.name in path_vars or field.type == F.TYPE_MESSAGE:
-                            continue
-                        parameters.append(
-                            {
-                                "name": field.json_name or _camel(field.name),
-                                "in": "query",
-                                "required": False,
-                                "schema": renderer.field_schema(field),
-                            }
-                        )
-                if parameters:
-                    operation["parameters"] = parameters
-                if method.output_type == ".google.api.HttpBody":
-                    content: dict[str, Any] = {
-                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-                    }
-                else:
-                    content = {"application/json": {"schema": renderer.ref(method.output_type)}}
-                operation["responses"] = {
-                    "200": {"description": "OK", "content": content},
-                    "default": {
-                        "description": "Error: a google.rpc.Status as JSON (code, message, details).",
-                        "content": {"application/json": {"schema": renderer.ref(".google.rpc.Status")}},
-                    },
-                }
-                paths.setdefault(oa_path, {})[verb] = operation
+                )
+        if parameters:
+            operation["parameters"] = parameters
+        if method.output_type == ".google.api.HttpBody":
+            content: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+        else:
+            content = {"application/json": {"schema": renderer.ref(method.output_type)}}
+        operation["responses"] = {
+            "200": {"description": "OK", "content": content},
+            "default": {
+                "description": "Error: a google.rpc.Status as JSON (code, message, details).",
+                "content": {"application/json": {"schema": renderer.ref(".google.rpc.Status")}},
+            },
+        }
+        paths.setdefault(oa_path, {})[verb] = operation
     document = {
         "openapi": "3.1.0",
         "info": {
