@@ -223,6 +223,10 @@ class AnalyticsReads:
             self._q.grouped(window, "key_id::text", rollup=Rollup.KEY), self._q.grouped(window, "provider, model")
         )
         fields: dict[str, int] = defaultdict(int)
+        # Groups whose rows cancel out (a data-subject delete) are not shown, as the counters
+        # would not have them.
+        by_key = [row for row in by_key if int(row["requests"]) or int(row["cost_micros"])]
+        by_model = [row for row in by_model if int(row["requests"]) or int(row["cost_micros"])]
         for row in by_key:
             fields[f"k|{row['g0']}|requests"] += int(row["requests"])
             fields[f"k|{row['g0']}|cost"] += int(row["cost_micros"])
