@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from tally.runtime.config import ServiceName, Settings
+from tally.runtime.config import ServiceName
 from tally.usage import live
 from tests.conftest import Stack
 from tests.usage_support import EventFactory, TestPrice, expected_cost_micros, recent
@@ -577,38 +577,44 @@ def test_live_counters_follow_commits(
 
 def test_live_counters_are_complete_only_from_when_none_can_be_missing(stack: Stack) -> None:
     """Ingest's flushes keep the instant from which the live counters hold every committed event
-    (readers compute earlier buckets from the database): after Redis lost it, when another Redis
+    (readers compute earlier buckets from the database). After Redis lost it, when another Redis
     process answers (a restart from an append-only file), or once a replica stopped heartbeating
-    (it died, maybe with counts unflushed), it becomes now + the future skew (an event committed
-    before may be that far ahead); otherwise it never moves."""
+    (it died, maybe with counts unflushed), every event stored before may be missing: the instant
+    becomes the end of the minute of the latest event time stored (and never less than what counts
+    not flushed asked for); otherwise it never moves."""
     client = redis.Redis.from_url(stack.redis.url)
-    skew_ms = Settings.model_fields["ingest_future_skew_seconds"].default * 1000
 
-    def raised_above(value: int) -> int:
+    def expected() -> int:
+        with db(stack) as conn:
+            row = conn.execute("SELECT max(event_time) FROM usage_events").fetchone()
+        assert row is not None and row[0] is not None
+        latest = (int(row[0].timestamp()) // 60 + 1) * 60_000
+        return max(latest, int(client.get(live.FLOOR_KEY) or 0))
+
+    def settles_at(value: int) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             since = client.get(live.SINCE_KEY)
-            if since is not None and int(since) > value:
-                return int(since)
-            time.sleep(0.1)
-        raise AssertionError(f"{live.SINCE_KEY} stayed at {client.get(live.SINCE_KEY)!r}")
+            if since is not None and int(since) == value:
+                time.sleep(0.6)  # and stays there
+                assert int(client.get(live.SINCE_KEY) or 0) == value
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{live.SINCE_KEY} is {client.get(live.SINCE_KEY)!r}, not {value}")
 
-    lost = time.time() * 1000
     client.delete(live.SINCE_KEY)
-    assert raised_above(0) >= lost + skew_ms
+    settles_at(expected())
 
     client.set(live.SINCE_KEY, 1)
     time.sleep(1.5)  # three flushes: nothing is missing, nothing moves
     assert client.get(live.SINCE_KEY) == b"1"
 
-    restarted = time.time() * 1000
     client.set(live.RUN_KEY, "the run id of a Redis process before a restart")
-    assert raised_above(1) >= restarted + skew_ms
+    settles_at(expected())
 
     client.set(live.SINCE_KEY, 1)
-    died = time.time() * 1000
-    client.zadd(live.REPLICAS_KEY, {"dead-replica": died - live.REPLICA_STALE_MS - 1000})
-    assert raised_above(1) >= died + skew_ms
+    client.zadd(live.REPLICAS_KEY, {"dead-replica": time.time() * 1000 - live.REPLICA_STALE_MS - 1000})
+    settles_at(expected())
     assert client.zscore(live.REPLICAS_KEY, "dead-replica") is None
     assert client.zcard(live.REPLICAS_KEY) >= 1  # the running ingest's own heartbeat
 

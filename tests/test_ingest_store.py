@@ -726,3 +726,32 @@ async def test_live_counts_not_flushed_make_their_buckets_incomplete(infra: tupl
         await up.aclose()
         await down.aclose()
         await channel.close()
+
+
+async def test_after_counts_of_unknown_events_were_lost_the_instant_is_the_latest_stored_event(
+    database: Database, infra: tuple[Postgres, Redis, Path]
+) -> None:
+    """A Redis with no complete-since instant (new, or it lost its data): every event stored
+    before has an event time at most the latest one stored, so the counters are complete from
+    the end of that event's minute (from the start on an empty database), and never from before
+    what counts not flushed asked for."""
+    up = AsyncRedis.from_url(infra[1].url.rsplit("/", 1)[0] + "/10")  # a database of its own
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never used: nothing is settled
+    after = AfterCommit(up, channel, SecretStr("k"), ZoneInfo("UTC"), db=database)
+    try:
+        await after._flush_counters()
+        assert await up.get(live.SINCE_KEY) == b"0"  # an empty database: nothing can be missing
+        events = valid_events(EventFactory(seed=43, models=MODELS), 50)
+        await UsageStore(database, 300).write(events)
+        await up.delete(live.SINCE_KEY)
+        await after._flush_counters()
+        latest = max(e.epoch_seconds for e in events)
+        assert int(await up.get(live.SINCE_KEY) or -1) == (latest // 60 + 1) * 60_000
+        await up.set(live.FLOOR_KEY, 10**13)  # a replica could not flush counts up to then
+        await up.delete(live.SINCE_KEY)
+        await after._flush_counters()
+        assert int(await up.get(live.SINCE_KEY) or -1) == 10**13
+    finally:
+        await up.flushdb()
+        await up.aclose()
+        await channel.close()

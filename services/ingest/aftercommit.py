@@ -30,6 +30,7 @@ from pydantic import SecretStr
 from services.ingest.events import ValidEvent
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.runtime.clients import call_metadata
+from tally.runtime.db import Database
 from tally.runtime.redis import RedisClient
 from tally.usage import live
 
@@ -56,25 +57,44 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 
 # Raises the instant from which the live counters are complete (see tally.usage.live), records
 # this replica's heartbeat and detects replicas that died. Run first in every flush.
-# KEYS: since, replicas, run. ARGV: instance, now ms, future skew ms, floor ms (0 = none), stale ms.
+# KEYS: since, replicas, run, floor. ARGV: instance, now ms, future skew ms, floor ms (0 = none),
+# stale ms. The floor key keeps the highest floor any replica asked for (counts it could not
+# flush), so that tightening the instant later never goes below one.
+# -> {1 when counts of unknown events may be lost (the instant became at least now + skew), the
+#     instant after the script}
 _LIVE_HEARTBEAT = """
 local now, skew, want, stale = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if want > (tonumber(redis.call('GET', KEYS[4])) or 0) then redis.call('SET', KEYS[4], ARGV[4]) end
+local unknown = 0
 local since = redis.call('GET', KEYS[1])
-if not since then want = math.max(want, now + skew) end
+if not since then unknown = 1 end
 -- Another Redis process than at the last flush (a restart that reloaded its append-only file,
 -- which may lack the last second of writes; a failover): the counters may lack counts.
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 if redis.call('GET', KEYS[3]) ~= run then
-  want = math.max(want, now + skew)
+  unknown = 1
   redis.call('SET', KEYS[3], run)
 end
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - stale)
 if #gone > 0 then
-  want = math.max(want, now + skew)
+  unknown = 1
   redis.call('ZREM', KEYS[2], unpack(gone))
 end
+if unknown == 1 then want = math.max(want, now + skew) end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-if not since or tonumber(since) < want then redis.call('SET', KEYS[1], string.format('%d', want)) end
+if not since or tonumber(since) < want then
+  since = string.format('%d', want)
+  redis.call('SET', KEYS[1], since)
+end
+return {unknown, since}
+"""
+# Lowers the instant to ARGV[2], or the highest floor asked for if higher, if it is still ARGV[1]
+# (nothing raised it meanwhile). KEYS: since, floor.
+_TIGHTEN_SINCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local floor = tonumber(redis.call('GET', KEYS[2])) or 0
+redis.call('SET', KEYS[1], string.format('%d', math.max(tonumber(ARGV[2]), floor)))
+return 1
 """
 
 
@@ -130,8 +150,10 @@ class AfterCommit:
         queue_size: int = 64,
         settle_batch: int = SETTLE_BATCH,
         future_skew_seconds: int = 300,
+        db: Database | None = None,
     ) -> None:
         self._redis = redis
+        self._db = db
         self._skew_ms = future_skew_seconds * 1000
         self._settle_batch = settle_batch
         self._budget = budget_pb2_grpc.BudgetServiceStub(budget)
@@ -310,7 +332,7 @@ class AfterCommit:
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.eval(
-                _LIVE_HEARTBEAT, 3, live.SINCE_KEY, live.REPLICAS_KEY, live.RUN_KEY,
+                _LIVE_HEARTBEAT, 4, live.SINCE_KEY, live.REPLICAS_KEY, live.RUN_KEY, live.FLOOR_KEY,
                 self._instance, int(time.time() * 1000), self._skew_ms, floor, live.REPLICA_STALE_MS,
             )  # fmt: skip
             for key, fields in counters.items():
@@ -329,10 +351,13 @@ class AfterCommit:
             for minute, amount in rates.items():
                 pipe.incrby(live.rate_key(minute), amount)
                 pipe.expire(live.rate_key(minute), live.RATE_TTL_SECONDS)
-            await pipe.execute()
+            replies = await pipe.execute()
             self.redis_ok = True
             if self._live_floor_ms == floor:
                 self._live_floor_ms = 0
+            unknown, since = replies[0]
+            if unknown:
+                await self._tighten_since(since, floor)
         except Exception as exc:
             self.redis_ok = False
             # Some of these counts may be lost: the buckets up to their last minute are not
@@ -340,6 +365,24 @@ class AfterCommit:
             self._live_floor_ms = max(self._live_floor_ms, unflushed_end)
             DROPPED.labels("redis", type(exc).__name__).inc()
             log.warning("live counters not updated: redis unavailable", extra={"error": repr(exc)})
+
+    async def _tighten_since(self, since: bytes, floor: int) -> None:
+        """After counts of unknown events may have been lost, the live counters were taken as
+        complete only from now + the future skew on. Every event stored before that loss has an
+        event time at most the latest one in the database now: lowers the instant to the end of
+        that event's minute (the whole window after a fresh start on an empty database), unless
+        it moved meanwhile. Nothing lowers it below `floor` (this replica's unflushed counts)."""
+        if self._db is None:
+            return
+        try:
+            row = await self._db.fetch_one("SELECT max(event_time) AS t FROM usage_events")
+            latest = row["t"] if row else None
+            bound = 0 if latest is None else (int(latest.timestamp()) // 60 + 1) * 60_000
+            bound = max(bound, floor)
+            if bound < int(since):
+                await self._redis.eval(_TIGHTEN_SINCE, 2, live.SINCE_KEY, live.FLOOR_KEY, since, bound)
+        except Exception as exc:  # the instant stays where it is: later, never wrong
+            log.warning("live counters' complete-since instant not tightened", extra={"error": repr(exc)})
 
     def _add_settlements(self, outcome: Outcome) -> None:
         """Adds the batch's spend to the pending hand-offs, in SettleBatch's compact form: three

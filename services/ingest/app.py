@@ -319,6 +319,7 @@ async def build(resources: Resources) -> Sequence[Registration]:
         settings.zone,
         settle_batch=min(SETTLE_BATCH, settings.ingest_max_batch),
         future_skew_seconds=settings.ingest_future_skew_seconds,
+        db=resources.db,
     )
     after.start()
 

@@ -20,6 +20,10 @@ the first command of every flush (`ingest.aftercommit`):
 - when a replica's heartbeat in `REPLICAS_KEY` (instance -> last flush, epoch ms) is older than
   REPLICA_STALE_MS (it died, maybe with counts not flushed): to now + the future skew. A replica
   that stops cleanly flushes and removes itself.
+After such a loss of counts of unknown events, the flush that raised the instant then lowers it
+to the end of the minute of the latest event time in the database (every event stored before
+the loss is at most that late; on an empty database, the epoch), unless something raised it
+meanwhile, and never below the highest instant asked for by counts not flushed (`FLOOR_KEY`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ DAY_TTL_SECONDS = 3 * 86400
 SINCE_KEY = "{tally:live}:since"
 REPLICAS_KEY = "{tally:live}:replicas"
 RUN_KEY = "{tally:live}:run"  # the run id of the Redis process the last flush wrote to
+FLOOR_KEY = "{tally:live}:floor"  # the highest instant asked for by counts not flushed
 REPLICA_STALE_MS = 15_000
 
 INGEST_STATS_KEY = "tally:ingest:stats"
