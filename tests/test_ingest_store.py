@@ -4,6 +4,7 @@ busy are committed together, and each event is still stored and reported new exa
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -22,8 +23,11 @@ from psycopg.pq import Format
 from pydantic import SecretStr
 from redis.asyncio import Redis as AsyncRedis
 
+from services.ingest import recalc
 from services.ingest.aftercommit import AfterCommit, Outcome
+from services.ingest.compaction import Compactor
 from services.ingest.events import MAX_COUNT, IngestPolicy, Rejected, ValidEvent, validate
+from services.ingest.prices import PriceRepository
 from services.ingest.pricing import PriceBook
 from services.ingest.store import RowEncoder, UsageStore, _Waiting, prepare_connection
 from tally.devstack import Postgres, Redis
@@ -755,3 +759,48 @@ async def test_after_counts_of_unknown_events_were_lost_the_instant_is_the_lates
         await up.flushdb()
         await up.aclose()
         await channel.close()
+
+
+async def test_recalculation_rates_a_day_in_slices_and_keeps_rollups_equal(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day is re-rated in slices of RECALC_SLICE events (each its own transaction, in
+    (event_time, request_id) order): every event of the day once, none of another day, and the
+    rollups still equal the raw events."""
+    monkeypatch.setattr(recalc, "RECALC_SLICE", 7)
+    events = valid_events(EventFactory(seed=47, models=MODELS), 100)  # unpriced when stored
+    await UsageStore(database, 300).write(events)
+    day = events[0].event_time.astimezone(UTC).date()
+    of_day = [e for e in events if e.event_time.astimezone(UTC).date() == day]
+    for provider, model in MODELS:  # $0.001 per request from long before
+        await database.fetch_one(
+            "INSERT INTO model_prices (provider, model, effective_from, per_request) "
+            "VALUES (%s, %s, '2020-01-01', 0.001) RETURNING price_id",
+            (provider, model),
+        )
+    prices = PriceRepository(database)
+    await prices.reload()
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never used here
+    runner = recalc.Recalculator(database, prices, Compactor(database, 10, timedelta(days=7)), channel, SecretStr("k"))
+    job = await runner.submit(recalc.JobSpec(day, day, ()))
+    await runner._run_day(uuid.UUID(job.job_id), day, [])
+    row = await database.fetch_one(
+        "SELECT days_done, events_scanned, events_changed, cost_after FROM recalculation_jobs WHERE job_id = %s",
+        (job.job_id,),
+    )
+    assert row is not None
+    assert (row["days_done"], row["events_scanned"], row["events_changed"]) == (1, len(of_day), len(of_day))
+    assert row["cost_after"] == 1000 * len(of_day)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    raw = await database.fetch_one(
+        "SELECT count(*) FILTER (WHERE cost_micros = 1000) AS priced, coalesce(sum(cost_micros), 0) AS cost "
+        "FROM usage_events WHERE event_time >= %s AND event_time < %s",
+        (start, start + timedelta(days=1)),
+    )
+    rolled = await database.fetch_one(
+        "SELECT coalesce(sum(cost_micros), 0) AS cost FROM usage_rollup_hourly WHERE bucket >= %s AND bucket < %s",
+        (start, start + timedelta(days=1)),
+    )
+    assert raw is not None and rolled is not None
+    assert (raw["priced"], raw["cost"], rolled["cost"]) == (len(of_day), 1000 * len(of_day), 1000 * len(of_day))
+    await channel.close()

@@ -1,10 +1,12 @@
 """Re-rating: recompute the cost of stored events with the prices now in force.
 
 A job covers UTC days `start_date`..`end_date` (inclusive), optionally some keys, and runs in the
-ingest process that accepted it, one day per transaction: it locks that day's events (provider-
-reported costs are authoritative and are left alone), prices them with the same integer code as
-ingest, updates the changed ones and appends delta rows (zero requests, cost and unpriced
-differences) to every rollup, so the rollups stay equal to the raw events throughout. Running
+ingest process that accepted it, a day at a time in slices of at most RECALC_SLICE events in
+(event_time, request_id) order, one transaction per slice (memory and the time the event loop
+is held stay bounded however large a day is): it locks the slice's events (provider-reported
+costs are authoritative and are left alone), prices them with the same integer code as ingest,
+updates the changed ones and appends delta rows (zero requests, cost and unpriced differences)
+to every rollup, so the rollups stay equal to the raw events throughout. Running
 the same job again changes nothing. When it finishes, the budget service is asked to rebuild its
 counters from the database. Jobs are resumable: a job whose runner died (stale heartbeat) is
 claimed again by any ingest process and restarted from its first day, which is harmless because
@@ -50,6 +52,8 @@ log = logging.getLogger("tally.ingest.recalc")
 MAX_DAYS = 400
 MAX_KEYS = 1000
 STALE_AFTER = timedelta(seconds=60)
+# Events re-rated per transaction (a day is done in slices of at most this many).
+RECALC_SLICE = 5_000
 _JOB_COLUMNS = """job_id, status, start_date, end_date, virtual_keys, days_total, days_done, events_scanned,
     events_changed, cost_before, cost_after, error, created_at, started_at, finished_at"""
 _DELTA_COLUMNS = {"cost_micros": "sum(new_cost - old_cost)",
@@ -237,22 +241,47 @@ class Recalculator:
         log.info("recalculation finished", extra={"jobId": str(job["job_id"])})
 
     async def _run_day(self, job_id: uuid.UUID, day: date, keys: list[uuid.UUID]) -> None:
+        """Re-rates one UTC day in slices of at most RECALC_SLICE events, each in a transaction of
+        its own, in (event_time, request_id) order: memory stays bounded and the event loop free,
+        however many events the day holds."""
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        after: tuple[datetime, str] | None = None
+        while True:
+            after = await self._run_slice(job_id, start, start + timedelta(days=1), keys, after)
+            if after is None:
+                break
+        await self._db.fetch_one(
+            "UPDATE recalculation_jobs SET days_done = days_done + 1, heartbeat_at = now() WHERE job_id = %s "
+            "RETURNING job_id",
+            (job_id,),
+        )
+
+    async def _run_slice(
+        self,
+        job_id: uuid.UUID,
+        start: datetime,
+        end: datetime,
+        keys: list[uuid.UUID],
+        after: tuple[datetime, str] | None,
+    ) -> tuple[datetime, str] | None:
+        """Re-rates the next slice of `[start, end)` after `after`; returns the last event of the
+        slice, or None when the day is done."""
         book = self._prices.book
+        following = "AND (event_time, request_id) > (%s, %s)" if after is not None else ""
         async with self._db.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
-                """SELECT event_time, request_id, key_id, provider, model, operation, http_status, error_type,
+                f"""SELECT event_time, request_id, key_id, provider, model, operation, http_status, error_type,
                           prompt_fingerprint, input_tokens, output_tokens, cached_read_tokens, cache_write_tokens,
                           reasoning_tokens, images, audio_seconds, tools_used, cost_micros, cost_source
                    FROM usage_events
                    WHERE event_time >= %s AND event_time < %s AND cost_source <> 'provider'
-                     AND (cardinality(%s::uuid[]) = 0 OR key_id = ANY(%s::uuid[]))
-                   ORDER BY event_time, request_id FOR UPDATE""",
-                (start, start + timedelta(days=1), keys, keys),
+                     AND (cardinality(%s::uuid[]) = 0 OR key_id = ANY(%s::uuid[])) {following}
+                   ORDER BY event_time, request_id LIMIT {RECALC_SLICE} FOR UPDATE""",  # noqa: S608 (constants)
+                (start, end, keys, keys, *(after or ())),
             )
             rows = await cur.fetchall()
             changes = []
-            before = after = 0
+            before = after_cost = 0
             for row in rows:
                 price = book.lookup(row["provider"], row["model"], row["event_time"])
                 new_cost = None
@@ -269,7 +298,7 @@ class Recalculator:
                     )
                 old_cost = row["cost_micros"]
                 before += old_cost or 0
-                after += new_cost or 0
+                after_cost += new_cost or 0
                 if new_cost == old_cost:
                     continue
                 changes.append((
@@ -292,11 +321,14 @@ class Recalculator:
                 for statement in _DELTA_SQL:
                     await cur.execute(statement)
             await cur.execute(
-                """UPDATE recalculation_jobs SET days_done = days_done + 1, events_scanned = events_scanned + %s,
+                """UPDATE recalculation_jobs SET events_scanned = events_scanned + %s,
                           events_changed = events_changed + %s, cost_before = cost_before + %s,
                           cost_after = cost_after + %s, heartbeat_at = now()
                    WHERE job_id = %s""",
-                (len(rows), len(changes), before, after, job_id),
+                (len(rows), len(changes), before, after_cost, job_id),
             )
         if changes:
             self._compactor.mark(int(c[0].timestamp()) for c in changes)
+        if len(rows) < RECALC_SLICE:
+            return None
+        return rows[-1]["event_time"], rows[-1]["request_id"]
