@@ -25,6 +25,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from services.ingest import recalc
 from services.ingest.aftercommit import AfterCommit, Outcome
+from services.ingest.app import Ingestor
 from services.ingest.compaction import Compactor
 from services.ingest.events import MAX_COUNT, IngestPolicy, Rejected, ValidEvent, validate
 from services.ingest.prices import PriceRepository
@@ -803,4 +804,37 @@ async def test_recalculation_rates_a_day_in_slices_and_keeps_rollups_equal(
     )
     assert raw is not None and rolled is not None
     assert (raw["priced"], raw["cost"], rolled["cost"]) == (len(of_day), 1000 * len(of_day), 1000 * len(of_day))
+    await channel.close()
+
+
+async def test_a_write_whose_commit_is_unknown_counts_as_lost_for_live_counters_and_budget(
+    database: Database,
+) -> None:
+    """The connection failing during a write may come after the commit: the events would be
+    stored, never counted, and a retry would find them stored. So their minutes' live counters
+    are taken as incomplete and budget is asked to rebuild, and the caller gets the error."""
+
+    class FailingStore:
+        async def write(self, events: Sequence[ValidEvent]) -> None:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    factory = EventFactory(seed=53, models=MODELS)
+    events = factory.events(20, recent(hours=1), timedelta(minutes=30))
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never used: nothing is flushed
+    after = AfterCommit(None, channel, SecretStr("k"), ZoneInfo("UTC"))  # type: ignore[arg-type]
+    prices = PriceRepository(database)
+    ingestor = Ingestor(
+        FailingStore(),  # type: ignore[arg-type]
+        prices,
+        BOUNDS_POLICY,
+        after,
+        Compactor(database, 10, timedelta(days=7)),
+        max_batch=1000,
+    )
+    with pytest.raises(psycopg.OperationalError):
+        await ingestor.record(events)
+    last = max(int(e.event_time.ToDatetime(tzinfo=UTC).timestamp()) for e in events)
+    assert after._live_floor_ms == (last // 60 + 1) * 60_000
+    assert after.oldest_unreconciled is not None
+    assert after.oldest_unreconciled.reason == "commit outcome unknown"
     await channel.close()

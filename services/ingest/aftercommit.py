@@ -213,6 +213,17 @@ class AfterCommit:
                 self._live_floor_ms = max(self._live_floor_ms, (last // 60 + 1) * 60_000)
         QUEUE_DEPTH.set(self._queue.qsize())
 
+    def commit_unknown(self, events: Sequence[ValidEvent]) -> None:
+        """Events whose transaction may or may not have committed (its connection failed): were
+        they stored, nothing would count them, and a retry would only find them stored. So the
+        live counters are taken as incomplete up to their last minute (readers compute those
+        buckets from the database) and budget is asked to rebuild its counters from it."""
+        if not events:
+            return
+        last = max(event.epoch_seconds for event in events)
+        self._live_floor_ms = max(self._live_floor_ms, (last // 60 + 1) * 60_000)
+        self._mark_unreconciled(events, "commit outcome unknown")
+
     async def _fold_forever(self) -> None:
         while True:
             outcome = await self._queue.get()

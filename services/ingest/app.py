@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import psycopg
 from prometheus_client import Counter, Histogram
 
 from services.ingest.aftercommit import SETTLE_BATCH, AfterCommit, Outcome
@@ -77,7 +78,13 @@ class Ingestor:
                 continue
             checked.append(valid)
             candidates.append(valid)
-        written = await self._store.write(candidates)
+        try:
+            written = await self._store.write(candidates)
+        except psycopg.OperationalError:
+            # The connection failed, maybe while committing: the events may be stored without
+            # being counted (a retry finds them stored and reports them as duplicates).
+            self._after.commit_unknown(candidates)
+            raise
         not_new = written.not_new
         accepted: list[ValidEvent] = []
         # An identity is (request id, event time). The batch's first event time per request id is
