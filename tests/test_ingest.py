@@ -13,6 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import grpc
+import httpx
 import psycopg
 import pytest
 import redis
@@ -581,14 +582,14 @@ def test_live_counters_are_complete_only_from_when_none_can_be_missing(stack: St
     process answers (a restart from an append-only file), or once a replica stopped heartbeating
     (it died, maybe with counts unflushed), every event stored before may be missing: the instant
     becomes the end of the minute of the latest event time stored (and never less than what counts
-    not flushed asked for); otherwise it never moves."""
+    not flushed asked for); otherwise it never moves. A dead replica also makes budget rebuild."""
     client = redis.Redis.from_url(stack.redis.url)
 
     def expected() -> int:
         with db(stack) as conn:
             row = conn.execute("SELECT max(event_time) FROM usage_events").fetchone()
-        assert row is not None and row[0] is not None
-        latest = (int(row[0].timestamp()) // 60 + 1) * 60_000
+        assert row is not None
+        latest = 0 if row[0] is None else (int(row[0].timestamp()) // 60 + 1) * 60_000
         return max(latest, int(client.get(live.FLOOR_KEY) or 0))
 
     def settles_at(value: int) -> None:
@@ -612,11 +613,25 @@ def test_live_counters_are_complete_only_from_when_none_can_be_missing(stack: St
     client.set(live.RUN_KEY, "the run id of a Redis process before a restart")
     settles_at(expected())
 
+    # A replica that died may also have had spend committed and not handed over: budget rebuilds.
+    metrics_url = f"http://127.0.0.1:{stack.env['BUDGET_METRICS_PORT']}/metrics"
+
+    def manual_rebuilds() -> float:
+        for line in httpx.get(metrics_url, timeout=5).text.splitlines():
+            if line.startswith('tally_budget_reconciles_total{trigger="manual"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    rebuilds = manual_rebuilds()
     client.set(live.SINCE_KEY, 1)
     client.zadd(live.REPLICAS_KEY, {"dead-replica": time.time() * 1000 - live.REPLICA_STALE_MS - 1000})
     settles_at(expected())
     assert client.zscore(live.REPLICAS_KEY, "dead-replica") is None
     assert client.zcard(live.REPLICAS_KEY) >= 1  # the running ingest's own heartbeat
+    deadline = time.monotonic() + 20
+    while manual_rebuilds() == rebuilds and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert manual_rebuilds() > rebuilds
 
 
 def test_price_api_validation_and_import(stack: Stack) -> None:

@@ -61,7 +61,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 # stale ms. The floor key keeps the highest floor any replica asked for (counts it could not
 # flush), so that tightening the instant later never goes below one.
 # -> {1 when counts of unknown events may be lost (the instant became at least now + skew), the
-#     instant after the script}
+#     instant after the script, how many replicas stopped heartbeating}
 _LIVE_HEARTBEAT = """
 local now, skew, want, stale = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 if want > (tonumber(redis.call('GET', KEYS[4])) or 0) then redis.call('SET', KEYS[4], ARGV[4]) end
@@ -86,7 +86,7 @@ if not since or tonumber(since) < want then
   since = string.format('%d', want)
   redis.call('SET', KEYS[1], since)
 end
-return {unknown, since}
+return {unknown, since, #gone}
 """
 # Lowers the instant to ARGV[2], or the highest floor asked for if higher, if it is still ARGV[1]
 # (nothing raised it meanwhile). KEYS: since, floor.
@@ -178,6 +178,8 @@ class AfterCommit:
         self._handoffs = 0
         self._pending_settlements = 0
         self.oldest_unreconciled: Unreconciled | None = None
+        # Budget must rebuild for spend no replica knows of (a replica died with some unhanded).
+        self._reconcile_requested = False
         self.redis_ok = True
         self._failures = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -366,7 +368,11 @@ class AfterCommit:
             self.redis_ok = True
             if self._live_floor_ms == floor:
                 self._live_floor_ms = 0
-            unknown, since = replies[0]
+            unknown, since, gone = replies[0]
+            if gone:
+                # A replica died, maybe with spend committed and not yet handed over.
+                log.warning("an ingest replica stopped heartbeating: budget is asked to rebuild")
+                self._reconcile_requested = True
             if unknown:
                 await self._tighten_since(since, floor)
         except Exception as exc:
@@ -471,16 +477,19 @@ class AfterCommit:
         while True:
             await asyncio.sleep(interval)
             pending = self.oldest_unreconciled
-            if pending is None:
+            if pending is None and not self._reconcile_requested:
                 continue
             failures_before = self._failures
+            self._reconcile_requested = False
             try:
                 await self._budget.ReconcileBudgets(
                     budget_pb2.ReconcileBudgetsRequest(), timeout=30, metadata=call_metadata(self._master_key)
                 )
             except grpc.aio.AioRpcError as exc:
+                self._reconcile_requested = True
                 log.info("budget reconciliation still pending", extra={"code": exc.code().name})
                 continue
             if self._failures == failures_before:  # no hand-off failed while reconciling
                 self.oldest_unreconciled = None
-            log.info("budget reconciled after missed settlements", extra={"since": pending.event_time.isoformat()})
+            since = pending.event_time.isoformat() if pending is not None else None
+            log.info("budget reconciled after missed settlements", extra={"since": since})
