@@ -1095,10 +1095,9 @@ def test_counters_are_rebuilt_when_redis_restarted_since_they_were_loaded(budget
         assert marker is not None and marker.decode().startswith(f"{run}|")
         client.hset(counter, "s", 1)  # the settle the reloaded file lacked
         client.set("{tally:budget}:loaded", b"0" * 40 + b"|" + marker.split(b"|", 1)[1])  # loaded elsewhere
+        # Rebuilt (by whichever budget replica saw it first): the marker names this Redis again.
         wait_until(lambda: client.get("{tally:budget}:loaded").decode().startswith(f"{run}|"), timeout=10)
         assert client.hget(counter, "s") == b"1500000"
-    url = f"http://127.0.0.1:{budget_stack.env['BUDGET_METRICS_PORT']}/metrics"
-    wait_until(lambda: 'tally_budget_reconciles_total{trigger="redis_restarted"} 1.0' in httpx.get(url).text)
 
 
 def _commit_usage(conn: psycopg.Connection[Any], key_id: str, micros: int) -> tuple[str, int]:
