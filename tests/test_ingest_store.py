@@ -30,7 +30,7 @@ from services.ingest.compaction import Compactor
 from services.ingest.events import MAX_COUNT, IngestPolicy, Rejected, ValidEvent, validate
 from services.ingest.prices import PriceRepository
 from services.ingest.pricing import PriceBook
-from services.ingest.store import RowEncoder, UsageStore, _Waiting, prepare_connection
+from services.ingest.store import RowEncoder, UsageStore, Written, _Waiting, prepare_connection
 from tally.devstack import Postgres, Redis
 from tally.ingest.v1 import ingest_pb2
 from tally.runtime.config import Settings
@@ -837,4 +837,36 @@ async def test_a_write_whose_commit_is_unknown_counts_as_lost_for_live_counters_
     assert after._live_floor_ms == (last // 60 + 1) * 60_000
     assert after.oldest_unreconciled is not None
     assert after.oldest_unreconciled.reason == "commit outcome unknown"
+    await channel.close()
+
+
+async def test_a_batch_whose_caller_goes_away_is_still_written_and_counted(database: Database) -> None:
+    """A caller that gives up (a deadline) while its batch is being written: the write goes on,
+    and its events are counted after the commit (live counters, budget), so a retry, finding them
+    stored, loses nothing."""
+
+    class SlowStore:
+        def __init__(self) -> None:
+            self.written: list[ValidEvent] = []
+
+        async def write(self, events: Sequence[ValidEvent]) -> Written:
+            await asyncio.sleep(0.2)
+            self.written += events
+            return Written(set(), 7)
+
+    events = EventFactory(seed=59, models=MODELS).events(20, recent(hours=1), timedelta(minutes=30))
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never used: nothing is flushed
+    after = AfterCommit(None, channel, SecretStr("k"), ZoneInfo("UTC"))  # type: ignore[arg-type]
+    store = SlowStore()
+    compactor = Compactor(database, 10, timedelta(days=7))
+    ingestor = Ingestor(store, PriceRepository(database), BOUNDS_POLICY, after, compactor, max_batch=1000)  # type: ignore[arg-type]
+    caller = asyncio.create_task(ingestor.record(events))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0.4)
+    assert len(store.written) == 20
+    outcome = after._queue.get_nowait()
+    assert (len(outcome.accepted), outcome.transaction_id) == (20, 7)
     await channel.close()

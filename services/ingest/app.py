@@ -8,6 +8,7 @@ import gc
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import psycopg
@@ -38,6 +39,12 @@ LAG = Histogram(
 
 _YIELD_EVERY = 200
 _DUPLICATE = "an event with this requestId and eventTime is already recorded"
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Marks a shielded task's exception as retrieved (its caller may have gone)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Ingestor:
@@ -78,6 +85,19 @@ class Ingestor:
                 continue
             checked.append(valid)
             candidates.append(valid)
+        # Once handed to the store, a batch is written and counted even if its caller goes away
+        # (a deadline): its write goes on, and uncounted stored events would be missing from the
+        # live counters and budget for good (a retry only finds them stored).
+        task = asyncio.ensure_future(self._store_and_count(events, checked, candidates))
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _store_and_count(
+        self,
+        events: Sequence[ingest_pb2.UsageEvent],
+        checked: list[ValidEvent | Rejected],
+        candidates: list[ValidEvent],
+    ) -> ingest_pb2.RecordUsageBatchResult:
         try:
             written = await self._store.write(candidates)
         except psycopg.OperationalError:
