@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime
 
 import httpx
+import psycopg
 import pytest
 
 from tally.usage.schema import HOURLY
@@ -296,3 +297,23 @@ def test_pipeline_health_detects_a_rollup_that_disagrees_with_raw_events(stack: 
                 conn.execute(f"DELETE FROM {table} WHERE key_id = %s", (key,))  # noqa: S608
     assert data["rollupConsistency"]["status"] == "inconsistent"
     assert data["status"] == "degraded"
+
+
+def test_the_first_calls_after_the_database_dropped_every_connection_succeed(stack: Stack) -> None:
+    """Pooled connections are checked when taken: after PostgreSQL dropped them all (a restart),
+    the next call of every service gets a fresh one instead of failing with 503."""
+    routes = [
+        "/api/admin/analytics/usage/trends?period=24h",
+        "/api/admin/budgets/status",
+        "/api/admin/audit-log?pageSize=1",
+        "/api/admin/analytics/ingestion-status",
+    ]
+    with stack.http() as client:
+        assert [client.get(route).status_code for route in routes] == [200] * len(routes)
+        with psycopg.connect(stack.postgres.url, password=stack.postgres.password, autocommit=True) as conn:
+            dropped = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            ).fetchone()
+        assert dropped is not None and dropped[0] > 0
+        assert [client.get(route).status_code for route in routes] == [200] * len(routes)

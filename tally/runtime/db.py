@@ -46,6 +46,11 @@ class Database:
             open=False,
             name="tally",
             configure=configure,
+            # A connection is checked (an empty query) when taken from the pool: after a
+            # PostgreSQL restart every pooled connection is dead, and without the check the
+            # next calls each failed once with "the database is unavailable" before the pool
+            # replaced it.
+            check=AsyncConnectionPool.check_connection,
         )
 
     async def open(self, wait_seconds: float = 30.0) -> None:
