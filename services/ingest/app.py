@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import psycopg
 from prometheus_client import Counter, Histogram
+from psycopg_pool import PoolTimeout
 
 from services.ingest.aftercommit import SETTLE_BATCH, AfterCommit, Outcome
 from services.ingest.compaction import Compactor
@@ -100,6 +101,8 @@ class Ingestor:
     ) -> ingest_pb2.RecordUsageBatchResult:
         try:
             written = await self._store.write(candidates)
+        except PoolTimeout:
+            raise  # no connection was had: nothing was written
         except psycopg.OperationalError:
             # The connection failed, maybe while committing: the events may be stored without
             # being counted (a retry finds them stored and reports them as duplicates).

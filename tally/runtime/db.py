@@ -15,6 +15,8 @@ from tally.runtime.config import Settings
 from tally.runtime.errors import DeadlineExceeded
 
 # Below this many milliseconds a statement cannot usefully start.
+_POOL_WAIT_SECONDS = 5.0
+_RECONNECT_SECONDS = 2.0
 _MIN_STATEMENT_MS = 5
 
 
@@ -51,6 +53,10 @@ class Database:
             # next calls each failed once with "the database is unavailable" before the pool
             # replaced it.
             check=AsyncConnectionPool.check_connection,
+            # Reconnection in the background gives up soon (its backoff doubles: after a 40 s
+            # outage the next attempt came ~20 s after PostgreSQL was back); the next call then
+            # starts a fresh attempt at once.
+            reconnect_timeout=_RECONNECT_SECONDS,
         )
 
     async def open(self, wait_seconds: float = 30.0) -> None:
@@ -73,7 +79,10 @@ class Database:
         """A connection inside a transaction whose statements stop at the call's deadline. With
         `snapshot`, a read-only REPEATABLE READ one: all its statements see one snapshot."""
         timeout_ms = self._timeout_ms()
-        async with self.pool.connection(timeout=timeout_ms / 1000) as conn, conn.transaction():
+        # Waiting for a connection is bounded apart from the statement: when PostgreSQL is down
+        # a call fails within seconds instead of waiting out its whole deadline.
+        wait = min(timeout_ms / 1000, _POOL_WAIT_SECONDS)
+        async with self.pool.connection(timeout=wait) as conn, conn.transaction():
             if snapshot:  # before any query (the first query fixes the snapshot)
                 await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),))
