@@ -246,6 +246,15 @@ def test_live_usage_reads_the_database_for_buckets_the_counters_may_lack(
         client.delete(live.SINCE_KEY)  # incomplete until ingest's next flush sets it again
 
 
+def test_live_usage_answers_right_after_redis_dropped_its_connections(astack: AnalyticsStack) -> None:
+    """The live view's pooled connection to a Redis that restarted (here: that dropped every
+    client) fails once; the read is tried again on a new one instead of answering 503."""
+    assert astack.get("/analytics/usage/live")["timestamp"]
+    client = redis.Redis.from_url(astack.env["REDIS_URL"])
+    assert client.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert astack.get("/analytics/usage/live")["timestamp"]
+
+
 def assert_live_matches(astack: AnalyticsStack, dataset: Dataset) -> None:
     view = astack.get("/analytics/usage/live")
     now = datetime.fromisoformat(view["timestamp"].replace("Z", "+00:00"))

@@ -21,6 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.analytics import model
 from services.analytics.periods import GRANULARITIES, bucket_window, choose, default_granularity, hour_window
@@ -130,11 +131,7 @@ class AnalyticsReads:
         (a rename shows within LIVE_NAME_TTL_SECONDS)."""
         now = now or datetime.now(UTC)
         active = asyncio.ensure_future(self._open_reservations())
-        pipe = self._redis.pipeline(transaction=False)
-        for key in (live.minute_key(now), live.hour_key(now), live.day_key(now, self._zone)):
-            pipe.hgetall(key)
-        pipe.get(live.SINCE_KEY)
-        *hashes, since = await pipe.execute()
+        *hashes, since = await self._read_live(now)
         minute, hour, day = ({k.decode(): int(v) for k, v in raw.items()} for raw in hashes)
         minute_start, hour_start = floor_to(now, timedelta(minutes=1)), floor_to(now, HOUR)
         local = now.astimezone(self._zone)
@@ -205,6 +202,23 @@ class AnalyticsReads:
                 pb.ProviderShare(requests=requests, cost=usd(cost), percentage=model.ratio(requests, hour_requests))
             )
         return data
+
+    async def _read_live(self, now: datetime) -> list[Any]:
+        """The minute, hour and day hashes and the complete-since instant, in one round trip;
+        tried twice when the connection fails (a pooled connection to a Redis that restarted
+        fails once; these reads change nothing, so a second try is safe)."""
+        keys = (live.minute_key(now), live.hour_key(now), live.day_key(now, self._zone))
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            pipe.get(live.SINCE_KEY)
+            try:
+                return list(await pipe.execute())
+            except RedisConnectionError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _live_from_events(self, window: Window) -> dict[str, int]:
         """Requests, tokens and cost of `window` as the live counters hold them, from the
