@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +19,11 @@ import httpx
 import psycopg
 import pytest
 
+from services.ingest.store import prepare_connection
 from tally.devstack import ROOT, Postgres, Redis, Suite, free_port
 from tally.runtime.config import ServiceName, Settings
+from tally.runtime.db import Database
+from tally.runtime.migrate import apply_migrations
 
 
 @dataclass
@@ -162,3 +165,23 @@ def stack(infra: tuple[Postgres, Redis, Path]) -> Iterator[Stack]:
         yield Stack(env, suite, postgres, redis, root)
     finally:
         suite.stop_all()
+
+
+def settings_for_new_database(postgres: Postgres, name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("DATABASE_URL", fresh_database(postgres, name))
+    monkeypatch.setenv("DATABASE_PASSWORD", postgres.password)
+    monkeypatch.setenv("END_USER_HASH_KEY", "store-test-secret")
+    monkeypatch.setenv("ADMIN_MASTER_KEY", "store-test-master-key")
+    return Settings()
+
+
+@pytest.fixture
+async def database(infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Database]:
+    settings = settings_for_new_database(infra[0], "store", monkeypatch)
+    await apply_migrations(settings)
+    db = Database(settings, configure=prepare_connection)
+    await db.open()
+    try:
+        yield db
+    finally:
+        await db.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -39,30 +39,10 @@ from tally.runtime.migrate import apply_migrations
 from tally.usage import live
 from tally.usage.compaction import compact_provider_minutes, merge_rollups
 from tally.usage.schema import COPY_TYPES, HOURLY, MERGED_ROLLUPS, ROLLUP_SUMS
-from tests.conftest import fresh_database
+from tests.conftest import settings_for_new_database
 from tests.usage_support import EventFactory, recent
 
 MODELS = [("openai", "gpt-4o"), ("anthropic", "claude-3-haiku")]
-
-
-def settings_for_new_database(postgres: Postgres, name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("DATABASE_URL", fresh_database(postgres, name))
-    monkeypatch.setenv("DATABASE_PASSWORD", postgres.password)
-    monkeypatch.setenv("END_USER_HASH_KEY", "store-test-secret")
-    monkeypatch.setenv("ADMIN_MASTER_KEY", "store-test-master-key")
-    return Settings()
-
-
-@pytest.fixture
-async def database(infra: tuple[Postgres, Redis, Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Database]:
-    settings = settings_for_new_database(infra[0], "store", monkeypatch)
-    await apply_migrations(settings)
-    db = Database(settings, configure=prepare_connection)
-    await db.open()
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 def valid_events(factory: EventFactory, count: int) -> list[ValidEvent]:

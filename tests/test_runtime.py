@@ -9,6 +9,8 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import httpx
@@ -18,12 +20,14 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
 
 from tally.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.devstack import Suite, free_port, wait_for_grpc_health
 from tally.reporting.v1 import reporting_pb2, reporting_pb2_grpc
 from tally.runtime import context
+from tally.runtime.audit import AuditEntry, AuditWriter
 from tally.runtime.config import ServiceName
 from tally.runtime.db import Database
 from tally.runtime.migrate import apply_migrations, discover
@@ -221,3 +225,36 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(devstack, "_handed_out", set())
     monkeypatch.setattr("tally.devstack.socket.socket", Offering)
     assert (devstack.free_port(), devstack.free_port()) == (47_001, 47_002)
+
+
+async def test_audit_entries_wait_out_a_database_outage_and_are_stored_once(database: Database) -> None:
+    """A batch the database refuses is tried again until it takes it (nothing dropped while the
+    writer runs), and writing the same batch twice (a retry after a lost commit) stores it once."""
+
+    class DownThenUp:
+        """The database's pool, refusing its first `failures` connections."""
+
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.pool = self
+            self.up = asyncio.Event()
+
+        def connection(self) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise psycopg.OperationalError("connection refused")
+            self.up.set()
+            return database.pool.connection()
+
+    flaky = DownThenUp(failures=3)
+    writer = AuditWriter(flaky, flush_seconds=0.05)  # type: ignore[arg-type]
+    entry = AuditEntry(datetime.now(UTC), "tally.x.v1.X/Y", "master", "admin", None, "127.0.0.1", "c-1", "OK", 1.0)
+    dropped = REGISTRY.get_sample_value("tally_audit_dropped_total", {"reason": "database"}) or 0.0
+    writer.start()
+    writer.record(entry)
+    await asyncio.wait_for(flaky.up.wait(), 30)
+    await writer.close()
+    await writer._write([entry])  # the same entry again
+    rows = await database.fetch_all("SELECT entry_id FROM audit_log WHERE correlation_id = 'c-1'")
+    assert [r["entry_id"] for r in rows] == [entry.entry_id]
+    assert (REGISTRY.get_sample_value("tally_audit_dropped_total", {"reason": "database"}) or 0.0) == dropped

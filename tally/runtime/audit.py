@@ -2,9 +2,11 @@
 
 The interceptor hands each finished admin call to `AuditWriter.record` (a non-blocking put on a
 bounded in-process queue); a background task writes what accumulated in one multi-row INSERT
-every `AUDIT_FLUSH_SECONDS` (sooner when `AUDIT_BATCH_SIZE` entries wait). Nothing is lost
-silently: an entry that finds the queue full, or a batch the database refused after retries, is
-counted in `tally_audit_dropped_total{reason}` and logged. Request-path RPCs (those requiring a
+every `AUDIT_FLUSH_SECONDS` (sooner when `AUDIT_BATCH_SIZE` entries wait). A batch the database
+refuses (it is down) is tried again until it takes it, entries arriving meanwhile waiting in the
+queue; a retry after a commit whose outcome was lost stores nothing twice (entries are unique).
+Nothing is lost silently: an entry that finds the queue full, or a batch still refused when the
+writer stops, is counted in `tally_audit_dropped_total{reason}` and logged. Request-path RPCs (those requiring a
 request-path permission, see tally/runtime/access.py) are never audited, nor are health and
 reflection.
 
@@ -92,7 +94,13 @@ class AuditEntry:
 _INSERT = (
     "INSERT INTO audit_log (entry_id, time, operation, principal, role, parameters, client_ip, correlation_id,"
     " outcome, status_code, duration_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT DO NOTHING"
 )
+# A batch the database refuses is tried again after these waits (seconds), the last one repeated
+# for as long as it takes; entries arriving meanwhile wait in the bounded queue. Once the writer
+# is stopping, a batch gets STOP_ATTEMPTS tries in all.
+RETRY_WAITS = (0.5, 1.0, 2.0, 5.0)
+STOP_ATTEMPTS = 3
 
 
 class AuditWriter:
@@ -160,7 +168,9 @@ class AuditWriter:
             )
             for e in batch
         ]
-        for attempt in range(3):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with self._db.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                     if rows:
@@ -173,8 +183,11 @@ class AuditWriter:
                 AUDIT_WRITTEN.inc(len(rows))
                 return
             except Exception:
-                log.warning("audit batch not written (attempt %d)", attempt + 1, exc_info=True)
-                if attempt < 2:
-                    await asyncio.sleep(0.5 * (attempt + 1))
+                log.warning("audit batch not written (attempt %d)", attempt, exc_info=attempt == 1)
+                if self._stopping.is_set() and attempt >= STOP_ATTEMPTS:
+                    break
+                wait = RETRY_WAITS[min(attempt, len(RETRY_WAITS)) - 1]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=wait)
         AUDIT_DROPPED.labels("database").inc(len(rows))
-        log.error("audit batch dropped after retries", extra={"entries": len(rows)})
+        log.error("audit batch dropped: the database refused it until the writer stopped", extra={"entries": len(rows)})
