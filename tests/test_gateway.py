@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
@@ -43,13 +43,24 @@ def test_pipeline_health_reports_real_dependencies(stack: Stack) -> None:
 
 
 def test_pipeline_health_sees_a_stopped_redis(stack: Stack) -> None:
-    """Reachability is probed for real: with Redis down the answer degrades."""
+    """Reachability is probed for real: with Redis down the answer degrades. The live view then
+    answers from the database."""
     stack.redis.stop()
     try:
         with stack.http() as client:
             data = client.get("/api/admin/analytics/pipeline-health").json()["data"]
+            live = client.get("/api/admin/analytics/usage/live")
         assert data["components"]["redis"]["status"] == "down"
         assert data["status"] == "degraded"
+        assert live.status_code == 200, live.text
+        hour = datetime.fromisoformat(live.json()["data"]["timestamp"].replace("Z", "+00:00"))
+        hour = hour.replace(minute=0, second=0, microsecond=0)
+        with psycopg.connect(stack.postgres.url, password=stack.postgres.password) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM usage_events WHERE event_time >= %s AND event_time < %s",
+                (hour, hour + timedelta(hours=1)),
+            ).fetchone()
+        assert row is not None and live.json()["data"]["realTimeMetrics"]["requestsThisHour"] == row[0]
     finally:
         stack.redis.start()
 

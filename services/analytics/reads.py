@@ -9,6 +9,7 @@ and converted to USD doubles only here. Derived metrics are defined in `model.py
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -22,6 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from services.analytics import model
 from services.analytics.periods import GRANULARITIES, bucket_window, choose, default_granularity, hour_window
@@ -37,6 +39,8 @@ from tally.runtime.validation import require_uuid
 from tally.runtime.windows import DAY, HOUR, Window, ceil_to, floor_to, parse_period
 from tally.usage import live
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, percentile
+
+log = logging.getLogger("tally.analytics.reads")
 
 MICROS = 1_000_000
 DEFAULT_PERIOD = "7d"
@@ -131,7 +135,11 @@ class AnalyticsReads:
         (a rename shows within LIVE_NAME_TTL_SECONDS)."""
         now = now or datetime.now(UTC)
         active = asyncio.ensure_future(self._open_reservations())
-        *hashes, since = await self._read_live(now)
+        try:
+            *hashes, since = await self._read_live(now)
+        except (RedisError, OSError):  # Redis is down: every bucket comes from the database
+            log.warning("live view from the database: redis unavailable")
+            hashes, since = [{}, {}, {}], None
         minute, hour, day = ({k.decode(): int(v) for k, v in raw.items()} for raw in hashes)
         minute_start, hour_start = floor_to(now, timedelta(minutes=1)), floor_to(now, HOUR)
         local = now.astimezone(self._zone)
