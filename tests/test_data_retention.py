@@ -23,11 +23,13 @@ import grpc
 import httpx
 import psycopg
 import pytest
+import redis
 
 from services.reporting import retention
 from tally.devstack import ROOT, Postgres, Redis, Suite
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tally.runtime.config import Settings
+from tally.usage import live
 from tally.usage.histogram import LATENCY_COLUMNS, TTFT_COLUMNS, UPPER_BOUNDS_MS
 from tests.conftest import private_suite
 from tests.usage_support import EventFactory
@@ -218,10 +220,17 @@ def test_data_subject_export_and_delete(rstack: PrivateStack, data: Data) -> Non
         spend_before = round(client.get("/api/admin/budgets/global").json()["data"]["currentSpend"] * 1_000_000)
     assert totals_before is not None and spend_before == totals_before[1]
 
+    live_redis = redis.Redis.from_url(rstack.env["REDIS_URL"])
+    live_redis.set(live.SINCE_KEY, 0)  # the live counters taken as complete until now
     response = _post(rstack, "delete", ALICE)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["success"] is True and body["data"]["eventsDeleted"] == len(mine)
+    # The live counters still hold her events: up to the end of her last event's hour they are
+    # no longer taken as complete (the live view computes those buckets from the database).
+    last_hour = max(e.event_time.ToDatetime(tzinfo=UTC) for e in data.events if e.end_user_id == ALICE)
+    last_hour = last_hour.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    assert int(live_redis.get(live.SINCE_KEY) or 0) >= int(last_hour.timestamp() * 1000)
     removed_cost = sum(e.provider_cost_micros for e in data.events if e.end_user_id == ALICE)
     assert round(body["data"]["costRemoved"] * 1_000_000) == removed_cost
 

@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import redis
 
 from tally.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tally.runtime.config import ServiceName
+from tally.usage import live
 from tests.conftest import Stack
 from tests.test_ingest import narrow_rollup_mismatches, rollup_mismatches
 from tests.usage_support import EventFactory, TestPrice, expected_cost_micros
@@ -80,6 +82,8 @@ def test_recalculation_after_a_price_correction(stack: Stack) -> None:
             "endDate": (day0 + timedelta(days=1)).date().isoformat(),
             "virtualKeys": [key],
         }
+        live_redis = redis.Redis.from_url(stack.redis.url)
+        live_redis.set(live.FLOOR_KEY, 0)
         first = client.post("/api/admin/analytics/recalculate-costs", json=body)
         bad = client.post("/api/admin/analytics/recalculate-costs", json={"startDate": "2024-02-30", "endDate": "x"})
     assert first.status_code == 200, first.text
@@ -88,6 +92,9 @@ def test_recalculation_after_a_price_correction(stack: Stack) -> None:
     job = wait_for_job(stack, first.json()["data"]["jobId"])
     assert job["status"] == "succeeded", job
     assert job["progress"] == 1
+    # The live counters of the re-rated events' buckets are no longer taken as complete.
+    last = max(e.event_time.ToDatetime(tzinfo=UTC) for e in in_range)
+    assert int(live_redis.get(live.FLOOR_KEY) or 0) >= int(last.timestamp() * 1000)
 
     old_prices, new_prices = [wrong], [right, newly_priced]
     expected_changed = [

@@ -353,7 +353,9 @@ async def build(resources: Resources) -> Sequence[Registration]:
     )
     after.start()
 
-    recalculator = Recalculator(resources.db, prices, compactor, budget_channel, settings.admin_master_key)
+    recalculator = Recalculator(
+        resources.db, prices, compactor, budget_channel, settings.admin_master_key, resources.redis
+    )
     recalculating = asyncio.create_task(recalculator.run_forever())
 
     async def close() -> None:

@@ -36,7 +36,9 @@ from tally.ingest.v1 import ingest_pb2
 from tally.runtime.clients import call_metadata
 from tally.runtime.db import Database
 from tally.runtime.errors import NotFound
+from tally.runtime.redis import RedisClient
 from tally.runtime.validation import Violations, require_uuid
+from tally.usage import live
 from tally.usage.schema import (
     FINGERPRINTS,
     HOURLY,
@@ -146,9 +148,10 @@ _CHANGE_COLUMNS = ("event_time", "request_id", "key_id", "provider", "model", "o
 class Recalculator:
     def __init__(
         self, db: Database, prices: PriceRepository, compactor: Compactor, budget: grpc.aio.Channel,
-        master_key: SecretStr,
+        master_key: SecretStr, redis: RedisClient | None = None,
     ) -> None:  # fmt: skip
         self._db = db
+        self._redis = redis
         self._prices = prices
         self._compactor = compactor
         self._budget = budget_pb2_grpc.BudgetServiceStub(budget)
@@ -329,6 +332,8 @@ class Recalculator:
             )
         if changes:
             self._compactor.mark(int(c[0].timestamp()) for c in changes)
+            if self._redis is not None:
+                await live.changed_before(self._redis, max(c[0] for c in changes) + timedelta(minutes=1))
         if len(rows) < RECALC_SLICE:
             return None
         return rows[-1]["event_time"], rows[-1]["request_id"]

@@ -26,7 +26,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -40,6 +40,7 @@ from tally.runtime.config import ServiceName
 from tally.runtime.errors import FailedPrecondition
 from tally.runtime.server import Resources
 from tally.runtime.validation import Violations
+from tally.usage import live as live_counters
 from tally.usage.compaction import compact_provider_minutes, merge_rollups
 from tally.usage.identity import hash_end_user
 from tally.usage.schema import (
@@ -128,6 +129,7 @@ def _audit(operation: str, subject_hash: str, outcome: str, **details: Any) -> N
 class DataSubjects:
     def __init__(self, resources: Resources) -> None:
         self._db = resources.db
+        self._redis = resources.redis
         self._settings = resources.settings
         self._channel: grpc.aio.Channel | None = None
         resources.closers.append(self.close)
@@ -205,6 +207,7 @@ class DataSubjects:
         cost = live["cost"] + archived.cost_micros
         if hours:
             await self._compact(hours)
+            await live_counters.changed_before(self._redis, max(hours) + timedelta(hours=1))
         note = ""
         if cost:
             note = await self._reconcile_budgets()

@@ -20,6 +20,8 @@ the first command of every flush (`ingest.aftercommit`):
 - when a replica's heartbeat in `REPLICAS_KEY` (instance -> last flush, epoch ms) is older than
   REPLICA_STALE_MS (it died, maybe with counts not flushed): to now + the future skew. A replica
   that stops cleanly flushes and removes itself.
+Re-rating and data-subject deletes change stored events outside ingest: they raise the instant
+and the floor past the changed events (`changed_before`).
 After such a loss of counts of unknown events, the flush that raised the instant then lowers it
 to the end of the minute of the latest event time in the database (every event stored before
 the loss is at most that late; on an empty database, the epoch), unless something raised it
@@ -28,7 +30,9 @@ meanwhile, and never below the highest instant asked for by counts not flushed (
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 MINUTE_TTL_SECONDS = 2 * 3600
@@ -67,3 +71,24 @@ def complete(since: bytes | str | None, bucket_start: datetime) -> bool:
     """Whether the live hash of the bucket starting at `bucket_start` holds every committed event
     of its time (`since`: the value of SINCE_KEY)."""
     return since is not None and int(bucket_start.timestamp() * 1000) >= int(since)
+
+
+# Raises the complete-since instant (if set) and the floor to ARGV[1]. KEYS: since, floor.
+_RAISE = """
+local bound = tonumber(ARGV[1])
+if bound > (tonumber(redis.call('GET', KEYS[2])) or 0) then redis.call('SET', KEYS[2], ARGV[1]) end
+local since = redis.call('GET', KEYS[1])
+if since and tonumber(since) < bound then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+
+async def changed_before(redis: Any, until: datetime) -> None:
+    """Stored events before `until` changed outside ingest (re-rated, deleted): the live counters
+    of buckets before it no longer match the database, so they are taken as incomplete (readers
+    compute those buckets from the database). Logged, not raised, when Redis cannot be reached."""
+    try:
+        await redis.eval(_RAISE, 2, SINCE_KEY, FLOOR_KEY, int(until.timestamp() * 1000))
+    except Exception as exc:
+        logging.getLogger("tally.usage.live").warning(
+            "live counters may show changed events: redis unavailable", extra={"error": repr(exc)}
+        )
