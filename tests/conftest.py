@@ -81,6 +81,7 @@ def stack_env(key: str) -> dict[str, str]:
             "GATEWAY_ADMIN_PORT": str(free_port()),
             "SHUTDOWN_GRACE_SECONDS": "10",
             "INGEST_COMPACT_SECONDS": "1",
+            "ANALYTICS_CONSISTENCY_CHECK_SECONDS": "1",
         }
     )
     for service in ServiceName:

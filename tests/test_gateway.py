@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -296,13 +297,19 @@ def test_pipeline_health_detects_a_rollup_that_disagrees_with_raw_events(stack: 
         conn.execute(
             f"""INSERT INTO usage_rollup_hourly_delta (bucket, key_id, provider, model, operation, status_class,
                     error_type, {", ".join(sums)})
-                VALUES (date_trunc('hour', now()) - interval '2 hours', %s, 'ghost', 'ghost', 'chat.completions',
+                VALUES (date_trunc('hour', now()) - interval '1 hour', %s, 'ghost', 'ghost', 'chat.completions',
                         '2xx', '', {", ".join(values)})""",  # noqa: S608
             (key,),
         )
         try:
+            # The check runs in the background every ANALYTICS_CONSISTENCY_CHECK_SECONDS (1 s here).
+            deadline = time.monotonic() + 20
             with stack.http() as client:
-                data = client.get("/api/admin/analytics/pipeline-health").json()["data"]
+                while True:
+                    data = client.get("/api/admin/analytics/pipeline-health").json()["data"]
+                    if data["rollupConsistency"]["status"] == "inconsistent" or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
         finally:
             for table in HOURLY.tables:
                 conn.execute(f"DELETE FROM {table} WHERE key_id = %s", (key,))  # noqa: S608

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import grpc
 
-from services.analytics.health import pipeline_health
+from services.analytics.health import ConsistencyCheck, pipeline_health
 from services.analytics.reads import AnalyticsReads
 from tally.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from tally.runtime.clients import service_channel
@@ -63,6 +63,7 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
             resources.settings, resources.db, resources.redis, peers.get(ServiceName.BUDGET.value)
         )
         self._timings = QueryTimings()
+        self._consistency = ConsistencyCheck(resources.db, resources.settings.analytics_consistency_check_seconds)
 
     def _timed(self, name: str, work: Awaitable[T]) -> Awaitable[T]:
         return self._timings.timed(name, work)
@@ -142,7 +143,9 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
     ) -> analytics_pb2.GetPipelineHealthResponse:
         settings = self._resources.settings
         gateway = settings.gateway_probe_address or f"127.0.0.1:{settings.gateway_port}"
-        report = await pipeline_health(self._resources.db, self._resources.redis, self._peers, gateway)
+        report = await pipeline_health(
+            self._resources.db, self._resources.redis, self._peers, self._consistency, gateway
+        )
         data = analytics_pb2.PipelineHealth(
             status=report.status,
             rollup_consistency=analytics_pb2.RollupConsistency(

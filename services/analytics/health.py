@@ -39,9 +39,10 @@ class PipelineHealthReport:
     rollup_detail: str = ""
 
 
-# The consistency check compares the last few complete hours of raw events with the hourly
-# rollups (requests and cost), which must be equal at every instant.
-CONSISTENCY_HOURS = 3
+# The consistency check compares the last complete hour of raw events with the hourly rollups
+# (requests and cost), which must be equal at every instant. It aggregates that hour's raw events,
+# so it runs at most every ANALYTICS_CONSISTENCY_CHECK_SECONDS (ConsistencyCheck).
+CONSISTENCY_HOURS = 1
 
 
 async def check_outbox(db: Database) -> tuple[int, int]:
@@ -71,12 +72,43 @@ async def check_rollup_consistency(db: Database) -> tuple[str, str]:
         {"lo": hi - CONSISTENCY_HOURS * HOUR, "hi": hi},
     )
     if not rows:
-        return "consistent", f"hourly rollups equal the raw events over the last {CONSISTENCY_HOURS} complete hours"
+        return "consistent", "hourly rollups equal the raw events over the last complete hour"
     first = rows[0]
     return "inconsistent", (
         f"{len(rows)} hour(s) differ, e.g. {first['bucket'].isoformat()}: raw {first['raw_requests']} requests / "
         f"{first['raw_cost']} micro-USD, rollup {first['rollup_requests']} / {first['rollup_cost']}"
     )
+
+
+class ConsistencyCheck:
+    """The last result of the rollup consistency probe, refreshed in the background at most every
+    `interval` seconds (the probe aggregates an hour of raw events: too much for every health
+    call at a high rate). The first call waits for a result; later ones get the last one, with
+    the time it was taken, and start a refresh when it is older than `interval`."""
+
+    def __init__(self, db: Database, interval: float) -> None:
+        self._db = db
+        self._interval = interval
+        self._result: tuple[str, str] | None = None
+        self._taken = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def result(self) -> tuple[str, str]:
+        if self._result is None or time.monotonic() - self._taken >= self._interval:
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._refresh())
+            if self._result is None:
+                await asyncio.shield(self._task)
+        assert self._result is not None
+        return self._result
+
+    async def _refresh(self) -> None:
+        try:
+            status, detail = await check_rollup_consistency(self._db)
+        except Exception as exc:  # a failed check is reported, not raised
+            status, detail = "unknown", f"{type(exc).__name__}: {exc}"[:300]
+        self._result = (status, f"{detail} (checked at {datetime.now(UTC).isoformat(timespec='seconds')})")
+        self._taken = time.monotonic()
 
 
 async def check_gateway(address: str) -> ComponentStatus:
@@ -159,6 +191,7 @@ async def pipeline_health(
     db: Database,
     redis: RedisClient,
     services: Mapping[str, grpc.aio.Channel | None],
+    consistency: ConsistencyCheck,
     gateway_address: str | None = None,
 ) -> PipelineHealthReport:
     """Runs every probe concurrently. `services` maps a name to its channel (None = this process)."""
@@ -183,7 +216,7 @@ async def pipeline_health(
     if postgres.status == "up":
         try:
             pending, dead = await check_outbox(db)
-            rollup_status, rollup_detail = await check_rollup_consistency(db)
+            rollup_status, rollup_detail = await consistency.result()
         except Exception as exc:  # a failed check is reported, not raised
             rollup_detail = f"{type(exc).__name__}: {exc}"[:300]
     if any(components[name].status != "up" for name in CRITICAL):

@@ -208,6 +208,11 @@ class Settings(BaseSettings):
     analytics_budget_timeout_seconds: float = Field(
         1.0, gt=0, description="Longest wait for the budget service when analytics reads budgets."
     )
+    analytics_consistency_check_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How often pipeline health re-checks that the last complete hour's rollups equal its raw events.",
+    )
 
     # --- reporting
     reporting_export_chunk_bytes: int = Field(

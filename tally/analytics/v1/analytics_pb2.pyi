@@ -3161,9 +3161,12 @@ class RollupConsistency(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     status: _builtins.str
-    """Status: `consistent`, `inconsistent` or `unknown` (not checked yet)."""
+    """Whether the last complete hour's hourly rollups equal its raw events (requests and cost), as
+    last checked (in the background, every ANALYTICS_CONSISTENCY_CHECK_SECONDS): `consistent`,
+    `inconsistent` or `unknown` (the check failed).
+    """
     detail: _builtins.str
-    """Free-form detail, e.g. the buckets and amounts that disagree."""
+    """Free-form detail, e.g. the buckets and amounts that disagree, and when it was checked."""
     def __init__(
         self,
         *,
