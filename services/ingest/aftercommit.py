@@ -180,6 +180,7 @@ class AfterCommit:
         self.oldest_unreconciled: Unreconciled | None = None
         # Budget must rebuild for spend no replica knows of (a replica died with some unhanded).
         self._reconcile_requested = False
+        self._reconcile_wake = asyncio.Event()
         self.redis_ok = True
         self._failures = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -373,6 +374,7 @@ class AfterCommit:
                 # A replica died, maybe with spend committed and not yet handed over.
                 log.warning("an ingest replica stopped heartbeating: budget is asked to rebuild")
                 self._reconcile_requested = True
+                self._reconcile_wake.set()
             if unknown:
                 await self._tighten_since(since, floor)
         except Exception as exc:
@@ -469,13 +471,17 @@ class AfterCommit:
 
     def _mark_oldest(self, request_id: str, event_time: datetime, reason: str) -> None:
         self._failures += 1
+        self._reconcile_wake.set()
         if self.oldest_unreconciled is None or event_time < self.oldest_unreconciled.event_time:
             self.oldest_unreconciled = Unreconciled(request_id, event_time, reason)
 
     async def _reconcile_forever(self, interval: float = 5.0) -> None:
-        """When spend could not be handed over, ask budget to rebuild from the database."""
+        """When spend could not be handed over, ask budget to rebuild from the database: at once
+        (the counters are short meanwhile), and every `interval` while budget cannot."""
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reconcile_wake.wait(), interval)
+            self._reconcile_wake.clear()
             pending = self.oldest_unreconciled
             if pending is None and not self._reconcile_requested:
                 continue
@@ -488,6 +494,7 @@ class AfterCommit:
             except grpc.aio.AioRpcError as exc:
                 self._reconcile_requested = True
                 log.info("budget reconciliation still pending", extra={"code": exc.code().name})
+                await asyncio.sleep(interval)
                 continue
             if self._failures == failures_before:  # no hand-off failed while reconciling
                 self.oldest_unreconciled = None
