@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -31,6 +32,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.budget.app import _utc
+from services.budget.evaluator import Evaluator
+from services.budget.events import BudgetEvent
 from services.budget.periods import PeriodKind, period_at
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.clients.request_path import RequestPathClient, RequestPathError, RequestPathUnavailable
@@ -1098,6 +1101,32 @@ def test_counters_are_rebuilt_when_redis_restarted_since_they_were_loaded(budget
         # Rebuilt (by whichever budget replica saw it first): the marker names this Redis again.
         wait_until(lambda: client.get("{tally:budget}:loaded").decode().startswith(f"{run}|"), timeout=10)
         assert client.hget(counter, "s") == b"1500000"
+
+
+async def test_an_event_the_stream_refuses_once_is_added_again_and_never_stops_the_alerts() -> None:
+    """An alert has fired once its row and outbox are committed: adding its event to the Redis
+    stream is tried twice (a pooled connection to a restarted Redis fails once), and a failure is
+    logged, not raised, so the other thresholds of the same spend are still evaluated (before,
+    an 80% threshold crossed with 50% did not fire when the 50% event hit a stale connection)."""
+
+    class Stream:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.added = failures, 0
+
+        async def publish(self, event: Any) -> str:
+            if self.failures:
+                self.failures -= 1
+                raise redis_py.ConnectionError("Connection reset by peer")
+            self.added += 1
+            return "1-0"
+
+    event = BudgetEvent(budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED, "key:k", "k", 0.5, 50, 100, "50%")
+    once = Stream(failures=1)
+    await Evaluator._publish(SimpleNamespace(_events=once), event)  # type: ignore[arg-type]
+    assert once.added == 1
+    down = Stream(failures=5)
+    await Evaluator._publish(SimpleNamespace(_events=down), event)  # type: ignore[arg-type]  # logged, not raised
+    assert down.added == 0
 
 
 def _commit_usage(conn: psycopg.Connection[Any], key_id: str, micros: int) -> tuple[str, int]:

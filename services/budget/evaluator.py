@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from redis.exceptions import RedisError
+
 from services.budget import metrics
 from services.budget.alerts import AlertConfig
 from services.budget.events import BudgetEvent, EventStream
@@ -130,6 +132,21 @@ class Evaluator:
                 self._fired.clear()
             self._fired.add(mark)
 
+    async def _publish(self, event: BudgetEvent) -> None:
+        """Adds an event to the stream, trying twice (a pooled connection to a Redis that restarted
+        fails once). A failure is logged, never raised: the alert has fired (its row and outbox
+        are committed) and the remaining thresholds of the same spend must still be evaluated."""
+        for attempt in (1, 2):
+            try:
+                await self._events.publish(event)
+                return
+            except (RedisError, OSError) as exc:
+                if attempt == 2:
+                    log.error(
+                        "budget event not added to the stream",
+                        extra={"scope": event.scope, "eventType": event.type, "error": repr(exc)},
+                    )
+
     async def _fire(
         self,
         spend: ScopeSpend,
@@ -197,12 +214,12 @@ class Evaluator:
             if kind == "exceeded"
             else budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED
         )
-        await self._events.publish(
+        await self._publish(
             BudgetEvent(event_type, spend.scope, spend.key_id, threshold, spend.spent, spend.limit, summary)
         )
         if disable:
             await self._store.set_disabled(key_scope(spend.key_id), True)
-            await self._events.publish(
+            await self._publish(
                 BudgetEvent(
                     budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED,
                     spend.scope,
@@ -264,7 +281,7 @@ class Evaluator:
         metrics.ALERTS_FIRED.labels("spike").inc()
         if notifications:
             self._wake()
-        await self._events.publish(
+        await self._publish(
             BudgetEvent(
                 budget_pb2.BUDGET_EVENT_TYPE_COST_SPIKE,
                 GLOBAL_SCOPE,
