@@ -1129,6 +1129,36 @@ async def test_an_event_the_stream_refuses_once_is_added_again_and_never_stops_t
     assert down.added == 0
 
 
+def test_budget_reads_answer_from_the_database_while_redis_is_down(budget_stack: BudgetStack) -> None:
+    """With Redis unreachable, Authorize follows the failure policy, but the budget reads still
+    answer: settled spend from the database (reservations, held in Redis only, as 0)."""
+    key_id = new_key(budget_stack, 100.00)
+    stub = budget_stack.stub()
+    ingest(budget_stack, stub, key_id, 2_500_000, provider="outage-provider")
+    budget_stack.redis.stop()
+    try:
+        with budget_stack.http() as client:
+            key = client.get(f"/api/admin/virtual-keys/{key_id}/budget")
+            status = client.get("/api/admin/budgets/status")
+    finally:
+        budget_stack.redis.start()
+        with budget_stack.http() as client:  # counters loaded again before the next test
+            assert client.post("/api/admin/budgets/reconcile", json={}).status_code == 200
+    assert key.status_code == 200, key.text
+    assert key.json()["data"]["currentSpend"] == 2.5
+    assert status.status_code == 200, status.text
+    data = status.json()["data"]
+    with budget_stack.db() as conn:
+        month = period_at(PeriodKind.MONTHLY, ZoneInfo("UTC"), datetime.now(UTC))
+        (stored,) = conn.execute(
+            "SELECT coalesce(sum(cost_micros), 0) FROM usage_events WHERE event_time >= %s", (month.start,)
+        ).fetchone() or (0,)
+    assert round(data["globalBudget"]["currentSpend"] * USD) == stored  # the database's, not Redis'
+    assert data["budgetBreakdown"]["byProvider"]["outage-provider"]["spend"] == 2.5
+    mine = next(k for k in data["budgetBreakdown"]["byVirtualKey"] if k["keyId"] == key_id)
+    assert mine["currentSpend"] == 2.5
+
+
 def _commit_usage(conn: psycopg.Connection[Any], key_id: str, micros: int) -> tuple[str, int]:
     """Commits one event and its rollup as ingest does; its request id and transaction id."""
     at = datetime.now(UTC)

@@ -41,7 +41,6 @@ from services.budget.store import (
     ScopeCall,
     ScopeConfig,
     key_scope,
-    provider_key,
 )
 from services.budget.tasks import BackgroundTasks
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
@@ -469,9 +468,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         usage.sort(key=lambda u: (-u.utilization_percentage, u.key_name))
         status.budget_breakdown.by_virtual_key.extend(usage)
 
-        providers = await self._store_call(
-            self._engine.store.read_providers(provider_key(global_view.period, global_view.tz))
-        )
+        providers = await self._engine.provider_spend(global_view.period, global_view.tz)
         total = sum(providers.values())
         for name, spend in sorted(providers.items()):
             status.budget_breakdown.by_provider[name].spend = _usd(spend)

@@ -927,11 +927,44 @@ class BudgetEngine:
         scopes: list[tuple[str, BudgetRow | None]] = [(GLOBAL_SCOPE, global_row)]
         scopes += [(r.scope, r) for r in rows if r.scope != GLOBAL_SCOPE]
         calls = [self.call(scope, self.config_of(row), now) for scope, row in scopes]
-        counts = await self._bounded(self.store.read_counters([c.counter for c in calls]))
+        try:
+            counts = await self._bounded(self.store.read_counters([c.counter for c in calls]))
+        except StoreUnavailable:
+            log.warning("budget views from the database: redis unavailable")
+            counts = await self._counts_from_database(scopes, [self.period(c.config, now) for c in calls])
         return [
             ScopeView(scope, row, self.period(call.config, now), call.config.tz, spent, reserved)
             for (scope, row), call, (spent, reserved) in zip(scopes, calls, counts, strict=True)
         ]
+
+    async def _counts_from_database(
+        self, scopes: Sequence[tuple[str, BudgetRow | None]], periods: Sequence[Period]
+    ) -> list[tuple[int, int]]:
+        """(settled spend, reserved) per scope when Redis cannot be read: the spend in each scope's
+        current period from the database (exact, as a rebuild computes it); reservations, which
+        only Redis holds, as 0."""
+        out = [(0, 0)] * len(scopes)
+        keys_by_start: dict[datetime, list[int]] = {}
+        for index, ((scope, _row), period) in enumerate(zip(scopes, periods, strict=True)):
+            if scope == GLOBAL_SCOPE:
+                out[index] = ((await self.repository.spend(period.start, None)).get(None, 0), 0)
+            else:
+                keys_by_start.setdefault(period.start, []).append(index)
+        for start, indexes in keys_by_start.items():
+            key_ids = [uuid.UUID(scopes[i][0].removeprefix("key:")) for i in indexes]
+            sums = await self.repository.spend(start, None, group_by="key_id", key_ids=key_ids)
+            for index, key_id in zip(indexes, key_ids, strict=True):
+                out[index] = (sums.get(key_id, 0), 0)
+        return out
+
+    async def provider_spend(self, period: Period, tz: str) -> dict[str, int]:
+        """Settled spend per provider in the global period: Redis' counters, or the database's
+        sums when Redis cannot be read."""
+        try:
+            return await self._bounded(self.store.read_providers(provider_key(period, tz)))
+        except StoreUnavailable:
+            sums = await self.repository.spend(period.start, None, group_by="provider")
+            return {str(name): amount for name, amount in sums.items()}
 
     async def put_budget(
         self, scope: str, key_id: uuid.UUID | None, limit: int, period: str, timezone: str
