@@ -210,22 +210,23 @@ class AfterCommit:
             self._queue.put_nowait(outcome)
         except asyncio.QueueFull:
             DROPPED.labels("queue", "full").inc()
-            self._mark_unreconciled(outcome.accepted, "after-commit queue full")
-            if outcome.accepted:
-                last = max(event.epoch_seconds for event in outcome.accepted)
-                self._live_floor_ms = max(self._live_floor_ms, (last // 60 + 1) * 60_000)
+            self._uncounted(outcome.accepted, "after-commit queue full")
         QUEUE_DEPTH.set(self._queue.qsize())
 
     def commit_unknown(self, events: Sequence[ValidEvent]) -> None:
         """Events whose transaction may or may not have committed (its connection failed): were
-        they stored, nothing would count them, and a retry would only find them stored. So the
-        live counters are taken as incomplete up to their last minute (readers compute those
-        buckets from the database) and budget is asked to rebuild its counters from it."""
+        they stored, nothing would count them, and a retry would only find them stored."""
+        self._uncounted(events, "commit outcome unknown")
+
+    def _uncounted(self, events: Sequence[ValidEvent], reason: str) -> None:
+        """Events (maybe) stored that nothing will count: the live counters are taken as
+        incomplete up to their last minute (readers compute those buckets from the database) and
+        budget is asked to rebuild its counters from it."""
         if not events:
             return
         last = max(event.epoch_seconds for event in events)
-        self._live_floor_ms = max(self._live_floor_ms, (last // 60 + 1) * 60_000)
-        self._mark_unreconciled(events, "commit outcome unknown")
+        self._live_floor_ms = max(self._live_floor_ms, live.minute_end_ms(last))
+        self._mark_unreconciled(events, reason)
 
     async def _fold_forever(self) -> None:
         while True:
@@ -261,7 +262,7 @@ class AfterCommit:
             age = now - minute * 60
             if age >= live.DAY_TTL_SECONDS:
                 continue
-            self._unflushed_end_ms = max(self._unflushed_end_ms, (minute + 1) * 60_000)
+            self._unflushed_end_ms = max(self._unflushed_end_ms, live.minute_end_ms(minute * 60))
             totals = self._minute_totals(events)
             at = events[0].event_time
             if age < live.MINUTE_TTL_SECONDS:  # then its hour's and day's hashes live too
@@ -396,7 +397,7 @@ class AfterCommit:
         try:
             row = await self._db.fetch_one("SELECT max(event_time) AS t FROM usage_events")
             latest = row["t"] if row else None
-            bound = 0 if latest is None else (int(latest.timestamp()) // 60 + 1) * 60_000
+            bound = 0 if latest is None else live.minute_end_ms(int(latest.timestamp()))
             bound = max(bound, floor)
             if bound < int(since):
                 await self._redis.eval(_TIGHTEN_SINCE, 2, live.SINCE_KEY, live.FLOOR_KEY, since, bound)

@@ -67,6 +67,12 @@ def rate_key(epoch_minute: int) -> str:
     return f"tally:ingest:rate:{epoch_minute}"
 
 
+def minute_end_ms(epoch_seconds: int) -> int:
+    """The end (epoch ms) of the minute holding `epoch_seconds`: the earliest instant the live
+    counters can be complete from when an event of that second may be missing."""
+    return (epoch_seconds // 60 + 1) * 60_000
+
+
 def complete(since: bytes | str | None, bucket_start: datetime) -> bool:
     """Whether the live hash of the bucket starting at `bucket_start` holds every committed event
     of its time (`since`: the value of SINCE_KEY)."""
