@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,31 +101,32 @@ def _calls(top_keys: list[str]) -> dict[str, Callable[[analytics_pb2_grpc.Analyt
 # (endpoint value, raw value) for the headline figure compared.
 TOKENS = TOTAL_TOKENS_SQL
 FAILED = "count(*) FILTER (WHERE http_status >= 400)"
-END = "date_trunc('hour', now()) + interval '1 hour'"
+END = "date_trunc('hour', %(now)s::timestamptz) + interval '1 hour'"
 WINDOW = f"event_time >= {END} - %(w)s::interval AND event_time < {END}"
 PREVIOUS = f"event_time >= {END} - 2 * %(w)s::interval AND event_time < {END} - %(w)s::interval"
-DAYS_WINDOW = "event_time >= date_trunc('day', now()) - interval '89 days'"
+DAYS_WINDOW = "event_time >= date_trunc('day', %(now)s::timestamptz) - interval '89 days'"
 SMALL = f"input_tokens < {SMALL_INPUT_TOKENS} AND NOT tools_used AND operation IN ('chat.completions', 'completions')"
 PERCENTILES = "ARRAY[0.5, 0.9, 0.95, 0.99]"
 Compare = Callable[[Any, list[tuple[Any, ...]]], tuple[Any, Any]]
 RAW: dict[str, tuple[tuple[str, ...], Compare]] = {
     "live": (
         (
-            f"""SELECT count(*) FILTER (WHERE event_time >= date_trunc('minute', now())),
-                sum({TOKENS}) FILTER (WHERE event_time >= date_trunc('minute', now())),
-                sum(cost_micros) FILTER (WHERE event_time >= date_trunc('minute', now())),
-                count(*) FILTER (WHERE event_time >= date_trunc('hour', now())),
-                sum({TOKENS}) FILTER (WHERE event_time >= date_trunc('hour', now())),
-                sum(cost_micros) FILTER (WHERE event_time >= date_trunc('hour', now())),
+            f"""SELECT count(*) FILTER (WHERE event_time >= date_trunc('minute', %(now)s::timestamptz)),
+                sum({TOKENS}) FILTER (WHERE event_time >= date_trunc('minute', %(now)s::timestamptz)),
+                sum(cost_micros) FILTER (WHERE event_time >= date_trunc('minute', %(now)s::timestamptz)),
+                count(*) FILTER (WHERE event_time >= date_trunc('hour', %(now)s::timestamptz)),
+                sum({TOKENS}) FILTER (WHERE event_time >= date_trunc('hour', %(now)s::timestamptz)),
+                sum(cost_micros) FILTER (WHERE event_time >= date_trunc('hour', %(now)s::timestamptz)),
                 count(*), sum(cost_micros)
-                FROM usage_events WHERE event_time >= date_trunc('day', now(), %(tz)s)""",
+                FROM usage_events WHERE event_time >= date_trunc('day', %(now)s::timestamptz, %(tz)s)""",
             """SELECT e.key_id, k.key_name, count(*), sum(cost_micros) FROM usage_events e
-                JOIN virtual_keys k USING (key_id) WHERE event_time >= date_trunc('hour', now())
+                JOIN virtual_keys k USING (key_id) WHERE event_time >= date_trunc('hour', %(now)s::timestamptz)
                 GROUP BY 1, 2 ORDER BY 4 DESC, 3 DESC LIMIT 10""",
             """SELECT provider, model, count(*), sum(cost_micros) FROM usage_events
-                WHERE event_time >= date_trunc('hour', now()) GROUP BY 1, 2 ORDER BY 4 DESC, 3 DESC LIMIT 10""",
+                WHERE event_time >= date_trunc('hour', %(now)s::timestamptz)
+                GROUP BY 1, 2 ORDER BY 4 DESC, 3 DESC LIMIT 10""",
             """SELECT provider, count(*), sum(cost_micros) FROM usage_events
-                WHERE event_time >= date_trunc('hour', now()) GROUP BY 1""",
+                WHERE event_time >= date_trunc('hour', %(now)s::timestamptz) GROUP BY 1""",
         ),
         lambda r, rows: (r.data.real_time_metrics.requests_today, rows[0][6]),
     ),
@@ -143,8 +145,8 @@ RAW: dict[str, tuple[tuple[str, ...], Compare]] = {
             f"""SELECT max(n) FROM (SELECT time_bucket('1 hour', event_time), count(*) n FROM usage_events
                 WHERE {DAYS_WINDOW} GROUP BY 1) h""",
             f"""SELECT count(*), sum({TOKENS}), sum(cost_micros) FROM usage_events
-                WHERE event_time >= date_trunc('day', now()) - interval '179 days'
-                AND event_time < date_trunc('day', now()) - interval '89 days'""",
+                WHERE event_time >= date_trunc('day', %(now)s::timestamptz) - interval '179 days'
+                AND event_time < date_trunc('day', %(now)s::timestamptz) - interval '89 days'""",
         ),
         lambda r, rows: (r.data.metrics.total_requests, sum(row[1] for row in rows)),
     ),
@@ -220,8 +222,8 @@ RAW: dict[str, tuple[tuple[str, ...], Compare]] = {
     "budget_forecast_90d": (
         (
             """SELECT time_bucket('1 day', event_time), key_id, model, sum(cost_micros) FROM usage_events
-                WHERE event_time >= date_trunc('day', now()) - interval '90 days'
-                AND event_time < date_trunc('day', now()) GROUP BY 1, 2, 3""",
+                WHERE event_time >= date_trunc('day', %(now)s::timestamptz) - interval '90 days'
+                AND event_time < date_trunc('day', %(now)s::timestamptz) GROUP BY 1, 2, 3""",
         ),
         lambda r, rows: (r.data.global_forecast.projected_spend >= 0, len(rows) > 0),
     ),
@@ -255,20 +257,33 @@ def _time_endpoints(address: str, key: str, top_keys: list[str], runs: int) -> d
             samples = []
             for _ in range(runs):
                 started = time.perf_counter()
+                at = datetime.now(UTC)
                 reply = call(stub, metadata)
                 samples.append((time.perf_counter() - started) * 1000)
             out[name] = {
                 "p50_ms": round(percentile(samples, 0.5), 2),
                 "p95_ms": round(percentile(samples, 0.95), 2),
                 "reply": reply,
+                # When the kept reply was asked for: the raw side computes its answer as of then
+                # (its windows end at the hour after it; minutes later an hour may have turned).
+                "at": at,
             }
     return out
 
 
-def _time_raw(conn: psycopg.Connection[Any], top_keys: list[str], zone: str) -> dict[str, dict[str, Any]]:
+def _time_raw(
+    conn: psycopg.Connection[Any], top_keys: list[str], zone: str, asked: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The raw side of every endpoint, as of the moment its compared reply was asked for."""
     out: dict[str, dict[str, Any]] = {}
     for name, (queries, _) in RAW.items():
-        params = {"w": RAW_WINDOWS.get(name, "30 days"), "key": top_keys[0], "keys": top_keys[:3], "tz": zone}
+        params = {
+            "w": RAW_WINDOWS.get(name, "30 days"),
+            "key": top_keys[0],
+            "keys": top_keys[:3],
+            "tz": zone,
+            "now": asked[name]["at"],
+        }
         samples = []
         rows: list[tuple[Any, ...]] = []
         for _ in range(3):
@@ -311,7 +326,7 @@ def main() -> None:
             append_only = _time_endpoints(env["ANALYTICS_ADDRESS"], env["ADMIN_MASTER_KEY"], top_keys, runs)
             compaction = _compact(conn)
             compacted = _time_endpoints(env["ANALYTICS_ADDRESS"], env["ADMIN_MASTER_KEY"], top_keys, runs)
-            raw = _time_raw(conn, top_keys, env.get("TIMEZONE", "UTC"))
+            raw = _time_raw(conn, top_keys, env.get("TIMEZONE", "UTC"), compacted)
     endpoints: dict[str, Any] = {}
     print(
         f"analytics: {accepted:,} events over {DAYS} days loaded through ingest in {load_seconds:.0f} s "
@@ -324,6 +339,7 @@ def main() -> None:
     )
     for name, timing in compacted.items():
         reply = timing.pop("reply")
+        timing.pop("at")
         append_only[name].pop("reply", None)
         raw_ms = raw[name]["median_ms"]
         mine, theirs = RAW[name][1](reply, raw[name]["rows"])

@@ -296,3 +296,93 @@ async def test_raw_stream_answers_each_call_once_in_many_small_messages(budget_s
 
 def _authorize(key_id: str, request_id: str) -> budget_pb2.AuthorizeRequest:
     return budget_pb2.AuthorizeRequest(key_id=key_id, request_id=request_id, estimated_cost_micros=1_000)
+
+
+class _HeldAnswers:
+    """A request-path server that records the calls of each message and answers a message only
+    when the test releases it."""
+
+    def __init__(self) -> None:
+        self.messages: list[list[int]] = []
+        self.arrived = asyncio.Event()
+        self.release: asyncio.Queue[int] = asyncio.Queue()  # index of the message to answer
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "tally.budget.v1.BudgetService",
+            {
+                "StreamRequestPath": grpc.stream_stream_rpc_method_handler(
+                    self.stream,
+                    request_deserializer=budget_pb2.StreamRequestPathRequest.FromString,
+                    response_serializer=budget_pb2.StreamRequestPathResponse.SerializeToString,
+                )
+            },
+        )
+
+    async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.send_initial_metadata(())
+
+        async def read() -> None:
+            async for message in request_iterator:
+                self.messages.append([call.call_id for call in message.calls])
+                self.arrived.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                index = await self.release.get()
+                reply = budget_pb2.StreamRequestPathResponse()
+                for call_id in self.messages[index]:
+                    reply.answers.add(call_id=call_id).authorize.allowed = True
+                await context.write(reply)
+        finally:
+            reader.cancel()
+
+
+async def _messages(server: _HeldAnswers, count: int) -> list[list[int]]:
+    async with asyncio.timeout(5):
+        while len(server.messages) < count:
+            server.arrived.clear()
+            await server.arrived.wait()
+    return server.messages
+
+
+async def test_client_gathers_calls_while_enough_messages_are_unanswered() -> None:
+    """With 2 messages unanswered, later calls wait and leave together when one is answered (or
+    when the hold runs out): under load a gateway sends fewer, fuller messages."""
+    servicer = _HeldAnswers()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((servicer.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = RequestPathClient(channel, max_messages_in_flight=2, max_hold_seconds=0.5)
+            key = str(uuid.uuid4())
+
+            def authorize(n: int) -> asyncio.Task[Any]:
+                return asyncio.create_task(client.authorize(key, f"r{n}", 1))
+
+            first = authorize(1)
+            assert await _messages(servicer, 1) == [[1]]
+            second = authorize(2)
+            assert await _messages(servicer, 2) == [[1], [2]]
+            held = [authorize(n) for n in (3, 4, 5)]
+            await asyncio.sleep(0.1)
+            assert servicer.messages == [[1], [2]], "calls were sent while two messages were unanswered"
+            servicer.release.put_nowait(0)
+            assert (await first).allowed
+            assert await _messages(servicer, 3) == [[1], [2], [3, 4, 5]]
+            # Two unanswered again (2 and 3-5): the next call is held until the hold runs out.
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            sixth = authorize(6)
+            assert await _messages(servicer, 4) == [[1], [2], [3, 4, 5], [6]]
+            assert loop.time() - began >= 0.45
+            for index in (1, 2, 3):
+                servicer.release.put_nowait(index)
+            for task in (second, *held, sixth):
+                assert (await task).allowed
+            await client.close()
+    finally:
+        await server.stop(None)
