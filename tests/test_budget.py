@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,14 +26,15 @@ import httpx
 import psycopg
 import pytest
 import redis as redis_py
+import redis.asyncio as redis_asyncio
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.budget.app import _utc
-from services.budget.evaluator import Evaluator
-from services.budget.events import BudgetEvent
+from services.budget.events import BudgetEvent, EventStream, record
 from services.budget.periods import PeriodKind, period_at
+from services.budget.store import EVENTS_KEY
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.clients.request_path import RequestPathClient, RequestPathError, RequestPathUnavailable
 from tally.devstack import (
@@ -48,6 +48,7 @@ from tally.devstack import (
 )
 from tally.notify import sign_webhook
 from tally.runtime.config import ServiceName, Settings
+from tally.runtime.db import Database
 from tally.usage.schema import HOURLY
 from tests.conftest import stack_env
 from tests.test_notify import HttpReceiver, SmtpServer, fresh_database, wait_until
@@ -1103,30 +1104,68 @@ def test_counters_are_rebuilt_when_redis_restarted_since_they_were_loaded(budget
         assert client.hget(counter, "s") == b"1500000"
 
 
-async def test_an_event_the_stream_refuses_once_is_added_again_and_never_stops_the_alerts() -> None:
-    """An alert has fired once its row and outbox are committed: adding its event to the Redis
-    stream is tried twice (a pooled connection to a restarted Redis fails once), and a failure is
-    logged, not raised, so the other thresholds of the same spend are still evaluated (before,
-    an 80% threshold crossed with 50% did not fire when the 50% event hit a stale connection)."""
+async def test_a_recorded_budget_event_reaches_the_stream_once_whatever_fails(
+    database: Database, tmp_path: Path
+) -> None:
+    """Budget events are recorded in the decision's transaction. With Redis down the immediate add
+    fails (logged, not raised: an alert's other thresholds are still evaluated) and the relay adds
+    them when Redis is back, oldest first. The immediate path, retries and a second replica's relay
+    add each event once, even when its row was not marked as added."""
+    server = Redis(tmp_path / "redis", free_port())
+    server.start()
+    crossed = BudgetEvent(budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED, "key:k", "k", 0.5, 50, 100, "50%")
+    disabled = BudgetEvent(budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED, "key:k", "k", 0.5, 50, 100, "disabled")
+    try:
+        async with database.transaction() as conn:
+            ids = [await record(conn, crossed), await record(conn, disabled)]
+        down = redis_asyncio.Redis.from_url(server.url)
+        server.stop()
+        await EventStream(down, down, 1000, database).deliver(ids)  # logged, not raised
+        await down.aclose()
+        server.start()
+        client = redis_asyncio.Redis.from_url(server.url)
+        stream, other_replica = (EventStream(client, client, 1000, database) for _ in range(2))
+        assert await stream.relay() == 2
+        await stream.deliver(ids)
+        assert await other_replica.relay() == 0
+        async with database.transaction() as conn:  # as if marking them had failed after the add
+            await conn.execute("UPDATE budget_event_outbox SET published_at = NULL, stream_id = NULL")
+        assert await other_replica.relay() == 2
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(EVENTS_KEY)  # type: ignore[assignment]
+        assert [(e[1][b"type"], e[1][b"message"]) for e in entries] == [
+            (str(crossed.type).encode(), b"50%"),
+            (str(disabled.type).encode(), b"disabled"),
+        ]
+        rows = await database.fetch_all("SELECT stream_id FROM budget_event_outbox ORDER BY id")
+        assert [r["stream_id"] for r in rows] == [e[0].decode() for e in entries]
+        await client.aclose()
+    finally:
+        server.stop()
 
-    class Stream:
-        def __init__(self, failures: int) -> None:
-            self.failures, self.added = failures, 0
 
-        async def publish(self, event: Any) -> str:
-            if self.failures:
-                self.failures -= 1
-                raise redis_py.ConnectionError("Connection reset by peer")
-            self.added += 1
-            return "1-0"
+def test_a_key_disabled_while_redis_is_down_reaches_the_stream_after_it(budget_stack: BudgetStack) -> None:
+    """The admin call fails (the disable could not reach Redis), but the change is committed with
+    its KEY_DISABLED event, which the relay adds to the stream once Redis is back."""
+    key_id = new_key(budget_stack, 100.00)
+    budget_stack.redis.stop()
+    try:
+        with budget_stack.http() as client:
+            reply = client.post(f"/api/admin/virtual-keys/{key_id}/disable", json={"reason": "during an outage"})
+    finally:
+        budget_stack.redis.start()
+    assert reply.status_code == 503, reply.text
 
-    event = BudgetEvent(budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED, "key:k", "k", 0.5, 50, 100, "50%")
-    once = Stream(failures=1)
-    await Evaluator._publish(SimpleNamespace(_events=once), event)  # type: ignore[arg-type]
-    assert once.added == 1
-    down = Stream(failures=5)
-    await Evaluator._publish(SimpleNamespace(_events=down), event)  # type: ignore[arg-type]  # logged, not raised
-    assert down.added == 0
+    def disabled_event() -> bool:
+        with budget_stack.redis_client() as client:
+            return any(
+                fields[b"key"].decode() == key_id and int(fields[b"type"]) == budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED
+                for _, fields in client.xrange(EVENTS_KEY)
+            )
+
+    wait_until(disabled_event, timeout=15)
+    with budget_stack.http() as client:
+        assert client.post(f"/api/admin/virtual-keys/{key_id}/enable", json={}).status_code == 200
+        assert client.post("/api/admin/budgets/reconcile", json={}).status_code == 200
 
 
 def test_budget_reads_answer_from_the_database_while_redis_is_down(budget_stack: BudgetStack) -> None:

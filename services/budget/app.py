@@ -644,14 +644,13 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         return budget_pb2.ListVirtualKeysResponse(success=True, data=page)
 
     async def _set_enabled(self, key_id: uuid.UUID, enabled: bool, reason: str) -> budget_pb2.VirtualKey:
-        found = await self._store_call(self._engine.set_enabled(key_id, enabled, reason))
-        if not found:
-            raise NotFound(f"virtual key {key_id} is unknown", metadata={"keyId": str(key_id)})
         event_type = budget_pb2.BUDGET_EVENT_TYPE_KEY_ENABLED if enabled else budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED
         text = "enabled by an admin" if enabled else f"disabled by an admin: {reason}"
-        await self._store_call(
-            self._events.publish(BudgetEvent(event_type, key_scope(str(key_id)), str(key_id), 0.0, 0, 0, text))
-        )
+        event = BudgetEvent(event_type, key_scope(str(key_id)), str(key_id), 0.0, 0, 0, text)
+        recorded = await self._store_call(self._engine.set_enabled(key_id, enabled, reason, event))
+        if recorded is None:
+            raise NotFound(f"virtual key {key_id} is unknown", metadata={"keyId": str(key_id)})
+        await self._events.deliver([recorded])
         record = await self._keys.get(key_id)
         assert record is not None
         return await self._key_with_budget(record)
@@ -947,7 +946,7 @@ async def build(resources: Resources) -> Sequence[Registration]:
     reader = create_redis(settings, socket_timeout=BLOCK_MS / 1000 + 5)
 
     repository = BudgetRepository(resources.db)
-    events = EventStream(resources.redis, reader, settings.budget_event_stream_maxlen)
+    events = EventStream(resources.redis, reader, settings.budget_event_stream_maxlen, resources.db)
     worker = DeliveryWorker(resources.db, settings)
     store = BudgetStore(fast, default=ScopeConfig(DEFAULT_PERIOD.value, settings.timezone))
     evaluator = Evaluator(settings, resources.db, repository, store, events, worker.wake)
@@ -958,7 +957,7 @@ async def build(resources: Resources) -> Sequence[Registration]:
         except Exception:
             # Redis may be down at start: the request path rebuilds once it is back (NOT_LOADED).
             log.exception("reconcile at start failed")
-    tasks = BackgroundTasks(settings, engine, worker)
+    tasks = BackgroundTasks(settings, engine, worker, events)
     tasks.start()
 
     async def close() -> None:

@@ -20,6 +20,7 @@ import redis.exceptions
 from services.budget import metrics
 from services.budget.batching import Coalescer
 from services.budget.evaluator import Evaluator, ScopeSpend
+from services.budget.events import BudgetEvent
 from services.budget.periods import Period, PeriodKind, period_at, zone_named
 from services.budget.repository import BudgetRepository, BudgetRow
 from services.budget.store import (
@@ -983,8 +984,10 @@ class BudgetEngine:
         self._remember(scope, config)
         return row
 
-    async def set_enabled(self, key_id: uuid.UUID, enabled: bool, reason: str | None) -> bool:
-        if not await self.repository.set_key_enabled(key_id, enabled, reason):
-            return False
-        await self.store.set_disabled(key_scope(str(key_id)), not enabled)
-        return True
+    async def set_enabled(self, key_id: uuid.UUID, enabled: bool, reason: str | None, event: BudgetEvent) -> int | None:
+        """Enables or disables the key, recording `event` (KEY_ENABLED or KEY_DISABLED) with it;
+        returns the event's id for the stream, or None when the key is unknown."""
+        recorded = await self.repository.set_key_enabled(key_id, enabled, reason, event)
+        if recorded is not None:
+            await self.store.set_disabled(key_scope(str(key_id)), not enabled)
+        return recorded

@@ -14,11 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from redis.exceptions import RedisError
-
 from services.budget import metrics
 from services.budget.alerts import AlertConfig
-from services.budget.events import BudgetEvent, EventStream
+from services.budget.events import BudgetEvent, EventStream, record
 from services.budget.notices import Alert, notifications_for
 from services.budget.periods import Period
 from services.budget.repository import BudgetRepository, insert_fired, set_key_enabled
@@ -132,21 +130,6 @@ class Evaluator:
                 self._fired.clear()
             self._fired.add(mark)
 
-    async def _publish(self, event: BudgetEvent) -> None:
-        """Adds an event to the stream, trying twice (a pooled connection to a Redis that restarted
-        fails once). A failure is logged, never raised: the alert has fired (its row and outbox
-        are committed) and the remaining thresholds of the same spend must still be evaluated."""
-        for attempt in (1, 2):
-            try:
-                await self._events.publish(event)
-                return
-            except (RedisError, OSError) as exc:
-                if attempt == 2:
-                    log.error(
-                        "budget event not added to the stream",
-                        extra={"scope": event.scope, "eventType": event.type, "error": repr(exc)},
-                    )
-
     async def _fire(
         self,
         spend: ScopeSpend,
@@ -187,6 +170,11 @@ class Evaluator:
             urgency=urgency,
         )
         disable = "disable_key" in actions and bool(spend.key_id)
+        event_type = (
+            budget_pb2.BUDGET_EVENT_TYPE_BUDGET_EXCEEDED
+            if kind == "exceeded"
+            else budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED
+        )
         async with self._db.transaction() as conn:
             first = await insert_fired(
                 conn,
@@ -202,34 +190,36 @@ class Evaluator:
                 return
             notifications = notifications_for(alert, [a for a in actions if a != "disable_key"], self._settings)
             await enqueue(conn, notifications, max_attempts=self._settings.notify_max_attempts)
+            events = [
+                await record(
+                    conn,
+                    BudgetEvent(event_type, spend.scope, spend.key_id, threshold, spend.spent, spend.limit, summary),
+                )
+            ]
             if disable:
                 reason = f"disable_key action: {percent(threshold)} of budget reached"
                 disable = await set_key_enabled(conn, uuid.UUID(spend.key_id), False, reason)
-        metrics.ALERTS_FIRED.labels(kind).inc()
-        log.warning("budget alert fired", extra={"scope": spend.scope, "kind": kind, "threshold": threshold})
-        if notifications:
-            self._wake()
-        event_type = (
-            budget_pb2.BUDGET_EVENT_TYPE_BUDGET_EXCEEDED
-            if kind == "exceeded"
-            else budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED
-        )
-        await self._publish(
-            BudgetEvent(event_type, spend.scope, spend.key_id, threshold, spend.spent, spend.limit, summary)
-        )
-        if disable:
-            await self._store.set_disabled(key_scope(spend.key_id), True)
-            await self._publish(
-                BudgetEvent(
+            if disable:
+                text = f"{subject} was disabled by the disable_key action at {percent(threshold)} of budget"
+                disabled = BudgetEvent(
                     budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED,
                     spend.scope,
                     spend.key_id,
                     threshold,
                     spend.spent,
                     spend.limit,
-                    f"{subject} was disabled by the disable_key action at {percent(threshold)} of budget",
+                    text,
                 )
-            )
+                events.append(await record(conn, disabled))
+        metrics.ALERTS_FIRED.labels(kind).inc()
+        log.warning("budget alert fired", extra={"scope": spend.scope, "kind": kind, "threshold": threshold})
+        if notifications:
+            self._wake()
+        try:
+            if disable:  # before the event: a subscriber acting on KEY_DISABLED finds the key disabled
+                await self._store.set_disabled(key_scope(spend.key_id), True)
+        finally:
+            await self._events.deliver(events)
 
     async def check_spikes(self, now: datetime | None = None) -> bool:
         """Spend in the current window above multiplier x the trailing windows' average fires COST_SPIKE."""
@@ -278,11 +268,7 @@ class Evaluator:
                 return False
             notifications = notifications_for(alert, config.spike_actions, self._settings)
             await enqueue(conn, notifications, max_attempts=self._settings.notify_max_attempts)
-        metrics.ALERTS_FIRED.labels("spike").inc()
-        if notifications:
-            self._wake()
-        await self._publish(
-            BudgetEvent(
+            spike = BudgetEvent(
                 budget_pb2.BUDGET_EVENT_TYPE_COST_SPIKE,
                 GLOBAL_SCOPE,
                 "",
@@ -291,5 +277,9 @@ class Evaluator:
                 round(average),
                 summary,
             )
-        )
+            event = await record(conn, spike)
+        metrics.ALERTS_FIRED.labels("spike").inc()
+        if notifications:
+            self._wake()
+        await self._events.deliver([event])
         return True

@@ -1,22 +1,51 @@
 """The enforcement event stream on Redis Streams: XADD with an approximate MAXLEN, read with
-XREAD BLOCK from the subscriber's last id, so a reconnecting subscriber misses nothing."""
+XREAD BLOCK from the subscriber's last id, so a reconnecting subscriber misses nothing.
+
+An event is first recorded in PostgreSQL (`budget_event_outbox`) in the transaction that decides
+it (the alert that fired, the key disabled), so neither a Redis outage nor a crash right after
+the commit loses it. It is added to the stream at once after the commit, and the relay (every
+RELAY_SECONDS, in every replica) adds any recorded event not added yet, oldest first. Adding is
+idempotent per recorded event: a Redis key next to the stream remembers the entry each one
+became, so the immediate path, retries and several relays add it once."""
 
 from __future__ import annotations
 
+import logging
 import re
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.budget.store import EVENTS_KEY
+from psycopg import AsyncConnection
+
+from services.budget.store import EVENTS_KEY, PREFIX
 from tally.budget.v1 import budget_pb2
+from tally.runtime.db import Database
 from tally.runtime.errors import InvalidArgument
 from tally.runtime.redis import RedisClient
+
+log = logging.getLogger("tally.budget.events")
 
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 BLOCK_MS = 1000
 READ_COUNT = 500
+RELAY_SECONDS = 1.0
+RELAY_BATCH = 500
+# How long Redis remembers the stream entry a recorded event became (any retry comes sooner).
+ADDED_TTL_SECONDS = 7 * 86400
+# Recorded events already in the stream are deleted after this many days.
+OUTBOX_KEEP_DAYS = 7
+
+# KEYS: the stream, the recorded event's marker (same hash tag: one slot on a cluster).
+# ARGV: MAXLEN, the marker's TTL, then the entry's field/value pairs. Returns the entry id.
+_ADD_ONCE = """
+local known = redis.call('GET', KEYS[2])
+if known then return known end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+return id
+"""
+_COLUMNS = "id, created_at, type, scope, key_id, threshold, spend_micros, limit_micros, message"
 
 
 @dataclass(frozen=True)
@@ -29,17 +58,46 @@ class BudgetEvent:
     limit_micros: int = 0
     message: str = ""
 
-    def fields(self) -> dict[str, str | int | float]:
-        return {
-            "type": self.type,
-            "time": int(time.time() * 1000),
-            "scope": self.scope,
-            "key": self.key_id,
-            "threshold": repr(self.threshold),
-            "spend": self.spend_micros,
-            "limit": self.limit_micros,
-            "message": self.message,
-        }
+
+async def record(conn: AsyncConnection[Any], event: BudgetEvent) -> int:
+    """Records `event` in the caller's transaction; returns its id (for `EventStream.deliver`)."""
+    cur = await conn.execute(
+        """INSERT INTO budget_event_outbox (type, scope, key_id, threshold, spend_micros, limit_micros, message)
+           VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+        (
+            event.type,
+            event.scope,
+            event.key_id,
+            event.threshold,
+            event.spend_micros,
+            event.limit_micros,
+            event.message,
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _fields(row: dict[str, Any]) -> list[str | int]:
+    """A recorded event's stream fields (its time is when it was recorded)."""
+    return [
+        "type", row["type"],
+        "time", int(row["created_at"].timestamp() * 1000),
+        "scope", row["scope"],
+        "key", row["key_id"],
+        "threshold", repr(float(row["threshold"])),
+        "spend", row["spend_micros"],
+        "limit", row["limit_micros"],
+        "message", row["message"],
+    ]  # fmt: skip
+
+
+def _marker(row: dict[str, Any]) -> str:
+    """The Redis key remembering a recorded event's entry: its id and recording time in
+    microseconds (ids of another database never match both)."""
+    created = row["created_at"]
+    return f"{PREFIX}event-added:{row['id']}:{int(created.timestamp() * 1_000_000)}"
 
 
 def _text(value: Any) -> str:
@@ -63,14 +121,66 @@ def to_proto(event_id: str, fields: dict[Any, Any]) -> budget_pb2.WatchBudgetEve
 
 
 class EventStream:
-    def __init__(self, redis: RedisClient, reader: RedisClient, maxlen: int) -> None:
+    def __init__(self, redis: RedisClient, reader: RedisClient, maxlen: int, db: Database) -> None:
         self._redis = redis
         self._reader = reader  # a client whose socket timeout outlasts BLOCK_MS
         self._maxlen = maxlen
+        self._db = db
 
-    async def publish(self, event: BudgetEvent) -> str:
-        event_id = await self._redis.xadd(EVENTS_KEY, event.fields(), maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
-        return _text(event_id)
+    async def _add(self, row: dict[str, Any]) -> str:
+        args = [self._maxlen, ADDED_TTL_SECONDS, *_fields(row)]
+        entry = await self._redis.eval(_ADD_ONCE, 2, EVENTS_KEY, _marker(row), *args)
+        return _text(entry)
+
+    async def publish_recorded(self, ids: Sequence[int] | None = None) -> int:
+        """Adds the recorded events not yet in the stream (those of `ids`, or the oldest
+        RELAY_BATCH of all), oldest first; returns how many were added. Raises on the first
+        failure, after noting those added before it."""
+        where = "published_at IS NULL" + (" AND id = ANY(%(ids)s)" if ids is not None else "")
+        rows = await self._db.fetch_all(
+            f"SELECT {_COLUMNS} FROM budget_event_outbox WHERE {where} ORDER BY id LIMIT %(limit)s",  # noqa: S608 (constants)
+            {"ids": list(ids or ()), "limit": RELAY_BATCH},
+        )
+        added: list[tuple[int, str]] = []
+        try:
+            for row in rows:
+                added.append((row["id"], await self._add(row)))
+        finally:
+            if added:
+                async with self._db.transaction() as conn:
+                    await conn.execute(
+                        """UPDATE budget_event_outbox o SET stream_id = a.entry, published_at = now()
+                           FROM unnest(%s::bigint[], %s::text[]) AS a (id, entry) WHERE o.id = a.id""",
+                        ([i for i, _ in added], [e for _, e in added]),
+                    )
+        return len(added)
+
+    async def deliver(self, ids: Sequence[int]) -> None:
+        """Adds just-recorded events at once; a failure is logged, never raised (the relay adds
+        them later)."""
+        if not ids:
+            return
+        try:
+            await self.publish_recorded(ids)
+        except Exception as exc:
+            log.warning("budget events not yet added to the stream: the relay will", extra={"error": repr(exc)})
+
+    async def relay(self) -> int:
+        """Adds every recorded event not yet in the stream; returns how many."""
+        total = 0
+        while True:
+            added = await self.publish_recorded()
+            total += added
+            if added < RELAY_BATCH:
+                return total
+
+    async def prune(self) -> None:
+        """Deletes recorded events added to the stream more than OUTBOX_KEEP_DAYS days ago."""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "DELETE FROM budget_event_outbox WHERE published_at < now() - make_interval(days => %s)",
+                (OUTBOX_KEEP_DAYS,),
+            )
 
     async def start_id(self, after_id: str) -> str:
         """'' = only events after now; '0' = the whole retained history; else resume after that id."""

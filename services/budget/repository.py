@@ -14,6 +14,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from services.budget.events import BudgetEvent, record
 from tally.runtime.db import Database
 
 HOUR = timedelta(hours=1)
@@ -109,10 +110,15 @@ class BudgetRepository:
         )
         return {row["key_id"]: row["key_name"] for row in rows}
 
-    async def set_key_enabled(self, key_id: uuid.UUID, enabled: bool, reason: str | None) -> bool:
-        """Returns False when the key is unknown."""
+    async def set_key_enabled(
+        self, key_id: uuid.UUID, enabled: bool, reason: str | None, event: BudgetEvent
+    ) -> int | None:
+        """Enables or disables the key and records `event` with it; returns the event's id, or
+        None when the key is unknown (nothing recorded)."""
         async with self._db.transaction() as conn:
-            return await set_key_enabled(conn, key_id, enabled, reason)
+            if not await set_key_enabled(conn, key_id, enabled, reason):
+                return None
+            return await record(conn, event)
 
     # ------------------------------------------------------------------ alert configuration
     async def alert_config(self) -> tuple[dict[str, Any], datetime] | None:

@@ -1,5 +1,6 @@
 """Background work of a budget process: notification delivery, cost-spike checks, the drift
-gauge, sweeping lapsed reservations, syncing disabled keys and recording closed periods.
+gauge, sweeping lapsed reservations, syncing disabled keys, recording closed periods, and relaying
+recorded budget events to the stream.
 Every replica runs them; each is safe to run concurrently (SKIP LOCKED, ON CONFLICT, Lua)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from services.budget.engine import BudgetEngine
+from services.budget.events import RELAY_SECONDS, EventStream
 from services.budget.periods import previous_period
 from services.budget.store import GLOBAL_SCOPE, key_scope
 from tally.notify import DeliveryWorker
@@ -21,9 +23,10 @@ log = logging.getLogger("tally.budget.tasks")
 
 
 class BackgroundTasks:
-    def __init__(self, settings: Settings, engine: BudgetEngine, worker: DeliveryWorker) -> None:
+    def __init__(self, settings: Settings, engine: BudgetEngine, worker: DeliveryWorker, events: EventStream) -> None:
         self._settings = settings
         self._engine = engine
+        self._events = events
         self._worker = worker
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -36,6 +39,7 @@ class BackgroundTasks:
             asyncio.create_task(self._every(s.budget_drift_check_seconds, self._drift), name="drift"),
             asyncio.create_task(self._every(s.budget_maintenance_seconds, self.maintenance), name="maintenance"),
             asyncio.create_task(self._every(RESTART_CHECK_SECONDS, self._redis_restarted), name="redis-restart"),
+            asyncio.create_task(self._every(RELAY_SECONDS, self._events.relay), name="event-relay"),
         ]
 
     async def stop(self) -> None:
@@ -75,6 +79,7 @@ class BackgroundTasks:
     async def maintenance(self) -> None:
         engine = self._engine
         await engine.store.sweep()
+        await self._events.prune()
         # A disable whose Redis write failed after its commit still takes effect here.
         for key_id in await engine.repository.disabled_keys():
             await engine.store.set_disabled(key_scope(str(key_id)), True)
