@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,6 +408,10 @@ class Suite:
             self.start_service(service)
         self.start_gateway()
 
+    def respawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Starts a process of the suite again (without waiting for it: see `supervise`)."""
+        return self._spawn(name, "gateway" if name == "gateway" else f"services.{name}")
+
     def stop(self, name: str) -> int | None:
         return stop_process(self.processes.pop(name, None))
 
@@ -522,13 +526,44 @@ def run(argv: list[str]) -> int:
             f"Ctrl-C stops everything.\n",
             flush=True,
         )
-        while not stop_requested:
-            for name, process in suite.processes.items():
-                if process.poll() is not None:
-                    print(f"{name} exited with {process.returncode}; stopping the suite", file=sys.stderr)
-                    return 1
-            time.sleep(0.5)
+        supervise(suite.processes, suite.respawn, lambda: stop_requested)
     return 0
+
+
+def supervise(
+    processes: dict[str, subprocess.Popen[bytes]],
+    respawn: Callable[[str], object],
+    stopping: Callable[[], bool],
+    *,
+    first_delay: float = 1.0,
+    max_delay: float = 30.0,
+    stable_seconds: float = 60.0,
+    poll_seconds: float = 0.5,
+) -> None:
+    """Restarts any process of `processes` that exits, until `stopping()`: after `first_delay`
+    seconds, doubling with each exit in a row up to `max_delay`; a process that has run
+    `stable_seconds` starts over from `first_delay`. (Every service picks up where it left off:
+    ingest's clients retry unacknowledged batches, budget rebuilds, outboxes resume.)"""
+    exits: dict[str, int] = {}  # exits in a row
+    due: dict[str, float] = {}  # name -> when to start it again
+    started = dict.fromkeys(processes, time.monotonic())
+    while not stopping():
+        now = time.monotonic()
+        for name, process in list(processes.items()):
+            if process.poll() is None:
+                if now - started.get(name, now) >= stable_seconds:
+                    exits.pop(name, None)
+                continue
+            if name not in due:
+                exits[name] = exits.get(name, 0) + 1
+                delay = min(max_delay, first_delay * 2 ** (exits[name] - 1))
+                due[name] = now + delay
+                print(f"{name} exited with {process.returncode}; starting it again in {delay:g} s", file=sys.stderr)
+            elif now >= due[name]:
+                del due[name]
+                respawn(name)
+                started[name] = now
+        time.sleep(poll_seconds)
 
 
 def main() -> int:

@@ -1,15 +1,19 @@
-"""Checks on the repository itself: generated code fresh, linters clean, compose consistent."""
+"""Checks on the repository itself: generated code fresh, linters clean, compose consistent, and
+`make run`'s supervision of the suite."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import yaml
 
 from gateway.__main__ import render_compose
 from gateway.config import SERVICES
+from tally.devstack import supervise
 from tally.runtime.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS, ServiceName, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +71,8 @@ def test_compose_describes_the_same_suite() -> None:
         assert "timescaledb:5432" in env["DATABASE_URL"]
         assert "redis:6379" in env["REDIS_URL"]
         assert set(spec["depends_on"]) == {"timescaledb", "redis"}
+    # A process that exits is started again, as `make run` does (tally.devstack.supervise).
+    assert all(spec.get("restart") == "unless-stopped" for spec in services.values())
     # The gateway's config routes each gRPC service to the compose service of the same name.
     envoy = yaml.safe_load((ROOT / "gateway" / "envoy.compose.yaml").read_text())
     clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
@@ -125,3 +131,44 @@ def test_no_service_imports_another_services_internals() -> None:
             if other != own:
                 offenders.append(f"{path.relative_to(ROOT)} imports services.{other}")
     assert not offenders, offenders
+
+
+def test_make_run_starts_a_process_that_exits_again_with_a_growing_delay() -> None:
+    """`make run` supervises the suite: a process that exits is started again, after 1 s, then
+    2 s, ... (here scaled down), and the others are left alone."""
+
+    def sleeper() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["sleep", "60"])
+
+    processes = {"ingest": sleeper(), "budget": sleeper()}
+    respawned: list[tuple[str, float]] = []
+    stop = threading.Event()
+
+    def respawn(name: str) -> None:
+        respawned.append((name, time.monotonic()))
+        processes[name] = sleeper()
+
+    thread = threading.Thread(
+        target=supervise,
+        args=(processes, respawn, stop.is_set),
+        kwargs={"first_delay": 0.2, "max_delay": 0.4, "stable_seconds": 30, "poll_seconds": 0.01},
+    )
+    thread.start()
+    try:
+        began = time.monotonic()
+        for round_ in range(3):
+            processes["ingest"].kill()
+            deadline = time.monotonic() + 5
+            while len(respawned) <= round_ and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert [name for name, _ in respawned] == ["ingest"] * 3
+        waits = [at - began for _, at in respawned]
+        # 0.2, then 0.4, then 0.4 (the cap) after each exit
+        assert waits[0] >= 0.2 and waits[1] - waits[0] >= 0.4 and waits[2] - waits[1] >= 0.4
+        assert processes["budget"].poll() is None
+    finally:
+        stop.set()
+        thread.join()
+        for process in processes.values():
+            process.kill()
+            process.wait()
