@@ -34,7 +34,8 @@ from grpc_status import rpc_status
 from services.budget.app import _utc
 from services.budget.events import BudgetEvent, EventStream, record
 from services.budget.periods import PeriodKind, period_at
-from services.budget.store import EVENTS_KEY
+from services.budget.repository import BudgetRepository
+from services.budget.store import EVENTS_KEY, key_scope
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.clients.request_path import RequestPathClient, RequestPathError, RequestPathUnavailable
 from tally.devstack import (
@@ -1143,9 +1144,9 @@ async def test_a_recorded_budget_event_reaches_the_stream_once_whatever_fails(
         server.stop()
 
 
-def test_a_key_disabled_while_redis_is_down_reaches_the_stream_after_it(budget_stack: BudgetStack) -> None:
-    """The admin call fails (the disable could not reach Redis), but the change is committed with
-    its KEY_DISABLED event, which the relay adds to the stream once Redis is back."""
+def test_an_admin_disable_while_redis_is_down_changes_nothing_until_retried(budget_stack: BudgetStack) -> None:
+    """The database and Redis change together: with Redis down the disable fails (503) and the key
+    stays enabled, with no event; retried once Redis is back it is disabled, with KEY_DISABLED."""
     key_id = new_key(budget_stack, 100.00)
     budget_stack.redis.stop()
     try:
@@ -1155,17 +1156,50 @@ def test_a_key_disabled_while_redis_is_down_reaches_the_stream_after_it(budget_s
         budget_stack.redis.start()
     assert reply.status_code == 503, reply.text
 
-    def disabled_event() -> bool:
+    def events() -> list[int]:
         with budget_stack.redis_client() as client:
-            return any(
-                fields[b"key"].decode() == key_id and int(fields[b"type"]) == budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED
-                for _, fields in client.xrange(EVENTS_KEY)
-            )
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(EVENTS_KEY)
+            return [int(fields[b"type"]) for _, fields in entries if fields[b"key"].decode() == key_id]
 
-    wait_until(disabled_event, timeout=15)
+    with budget_stack.db() as conn:
+        assert conn.execute("SELECT enabled FROM virtual_keys WHERE key_id = %s", (key_id,)).fetchone() == (True,)
+    time.sleep(1.5)  # a relay pass
+    assert events() == []
     with budget_stack.http() as client:
+        retried = wait_until(
+            lambda: (r := client.post(f"/api/admin/virtual-keys/{key_id}/disable", json={})).status_code == 200 and r,
+            timeout=15,
+        )
+        assert retried.json()["data"]["enabled"] is False
+        # At once, or by the relay when the first add hit a connection from before the restart.
+        wait_until(lambda: events() == [budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED], timeout=10)
         assert client.post(f"/api/admin/virtual-keys/{key_id}/enable", json={}).status_code == 200
         assert client.post("/api/admin/budgets/reconcile", json={}).status_code == 200
+
+
+async def test_the_disabled_keys_sync_and_an_enable_never_interleave(database: Database) -> None:
+    """Maintenance writes the disabled keys to Redis with their rows locked, and an enable writes
+    Redis before its commit: so an enable made meanwhile waits and writes after the sync (before,
+    the sync could write an enabled key's old state over the enable's)."""
+    repository = BudgetRepository(database)
+    key_id = uuid.uuid4()
+    async with database.transaction() as conn:
+        await conn.execute("INSERT INTO virtual_keys (key_id, key_name, enabled) VALUES (%s, 'k', false)", (key_id,))
+    written: list[str] = []
+
+    async def enable_written() -> None:
+        written.append("enable")
+
+    event = BudgetEvent(budget_pb2.BUDGET_EVENT_TYPE_KEY_ENABLED, key_scope(str(key_id)), str(key_id))
+    async with repository.disabled_keys_locked() as disabled:
+        assert key_id in disabled
+        enable = asyncio.create_task(repository.set_key_enabled(key_id, True, None, event, enable_written))
+        await asyncio.sleep(0.3)
+        written.append("sync")  # the sync's Redis write of the key as disabled
+    assert await enable is not None
+    assert written == ["sync", "enable"]
+    async with repository.disabled_keys_locked() as disabled:
+        assert key_id not in disabled
 
 
 def test_budget_reads_answer_from_the_database_while_redis_is_down(budget_stack: BudgetStack) -> None:

@@ -985,9 +985,10 @@ class BudgetEngine:
         return row
 
     async def set_enabled(self, key_id: uuid.UUID, enabled: bool, reason: str | None, event: BudgetEvent) -> int | None:
-        """Enables or disables the key, recording `event` (KEY_ENABLED or KEY_DISABLED) with it;
-        returns the event's id for the stream, or None when the key is unknown."""
-        recorded = await self.repository.set_key_enabled(key_id, enabled, reason, event)
-        if recorded is not None:
-            await self.store.set_disabled(key_scope(str(key_id)), not enabled)
-        return recorded
+        """Enables or disables the key, recording `event` (KEY_ENABLED or KEY_DISABLED) with it,
+        in the database and Redis together (a Redis failure changes neither); returns the event's
+        id for the stream, or None when the key is unknown."""
+        scope = key_scope(str(key_id))
+        return await self.repository.set_key_enabled(
+            key_id, enabled, reason, event, lambda: self.store.set_disabled(scope, not enabled)
+        )

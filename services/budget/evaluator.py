@@ -211,15 +211,15 @@ class Evaluator:
                     text,
                 )
                 events.append(await record(conn, disabled))
+                # In Redis before the commit, while the key's row is locked (as an admin's
+                # disable): an enable right after it is not overwritten, and a subscriber acting
+                # on KEY_DISABLED finds the key disabled.
+                await self._store.set_disabled(key_scope(spend.key_id), True)
         metrics.ALERTS_FIRED.labels(kind).inc()
         log.warning("budget alert fired", extra={"scope": spend.scope, "kind": kind, "threshold": threshold})
         if notifications:
             self._wake()
-        try:
-            if disable:  # before the event: a subscriber acting on KEY_DISABLED finds the key disabled
-                await self._store.set_disabled(key_scope(spend.key_id), True)
-        finally:
-            await self._events.deliver(events)
+        await self._events.deliver(events)
 
     async def check_spikes(self, now: datetime | None = None) -> bool:
         """Spend in the current window above multiplier x the trailing windows' average fires COST_SPIKE."""

@@ -4,7 +4,7 @@ period totals, and exact spend sums over the usage rollups and raw events."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -102,6 +102,15 @@ class BudgetRepository:
         rows = await self._db.fetch_all("SELECT key_id FROM virtual_keys WHERE NOT enabled")
         return [row["key_id"] for row in rows]
 
+    @asynccontextmanager
+    async def disabled_keys_locked(self) -> AsyncIterator[list[uuid.UUID]]:
+        """The disabled keys, their rows locked (FOR SHARE) until the block ends: an enable or
+        disable of one of them (which writes Redis while its row is locked) waits, so what the
+        block writes to Redis is never an older state over a newer one."""
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute("SELECT key_id FROM virtual_keys WHERE NOT enabled ORDER BY key_id FOR SHARE")
+            yield [row[0] for row in await cursor.fetchall()]
+
     async def key_names(self, key_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
         if not key_ids:
             return {}
@@ -111,14 +120,22 @@ class BudgetRepository:
         return {row["key_id"]: row["key_name"] for row in rows}
 
     async def set_key_enabled(
-        self, key_id: uuid.UUID, enabled: bool, reason: str | None, event: BudgetEvent
+        self,
+        key_id: uuid.UUID,
+        enabled: bool,
+        reason: str | None,
+        event: BudgetEvent,
+        apply: Callable[[], Awaitable[None]],
     ) -> int | None:
-        """Enables or disables the key and records `event` with it; returns the event's id, or
-        None when the key is unknown (nothing recorded)."""
+        """Enables or disables the key, records `event` with it and runs `apply` (the Redis write)
+        before the commit, while the key's row is locked; returns the event's id, or None when
+        the key is unknown (nothing done). If `apply` fails, nothing is changed."""
         async with self._db.transaction() as conn:
             if not await set_key_enabled(conn, key_id, enabled, reason):
                 return None
-            return await record(conn, event)
+            recorded = await record(conn, event)
+            await apply()
+            return recorded
 
     # ------------------------------------------------------------------ alert configuration
     async def alert_config(self) -> tuple[dict[str, Any], datetime] | None:

@@ -80,9 +80,11 @@ class BackgroundTasks:
         engine = self._engine
         await engine.store.sweep()
         await self._events.prune()
-        # A disable whose Redis write failed after its commit still takes effect here.
-        for key_id in await engine.repository.disabled_keys():
-            await engine.store.set_disabled(key_scope(str(key_id)), True)
+        # Disabled keys are disabled in Redis too (after Redis lost them): with their rows locked,
+        # so an enable meanwhile waits and is not overwritten.
+        async with engine.repository.disabled_keys_locked() as disabled:
+            for key_id in disabled:
+                await engine.store.set_disabled(key_scope(str(key_id)), True)
         now = datetime.now(UTC)
         for row in await engine.repository.budgets():
             config = engine.config_of(row)
