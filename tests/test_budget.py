@@ -1198,8 +1198,19 @@ async def test_the_disabled_keys_sync_and_an_enable_never_interleave(database: D
         written.append("sync")  # the sync's Redis write of the key as disabled
     assert await enable is not None
     assert written == ["sync", "enable"]
-    async with repository.disabled_keys_locked() as disabled:
+    # A rebuild also locks the enabled keys it rewrites (those with a budget): a disable waits.
+    disable = BudgetEvent(budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED, key_scope(str(key_id)), str(key_id))
+
+    async def disable_written() -> None:
+        written.append("disable")
+
+    async with repository.disabled_keys_locked(also=[key_id]) as disabled:
         assert key_id not in disabled
+        task = asyncio.create_task(repository.set_key_enabled(key_id, False, "r", disable, disable_written))
+        await asyncio.sleep(0.3)
+        written.append("rebuild")
+    assert await task is not None
+    assert written == ["sync", "enable", "rebuild", "disable"]
 
 
 def test_budget_reads_answer_from_the_database_while_redis_is_down(budget_stack: BudgetStack) -> None:

@@ -822,87 +822,93 @@ class BudgetEngine:
             started = time.monotonic()
             now = datetime.now(UTC)
             rows = await self.repository.budgets()
-            disabled = {str(k) for k in await self.repository.disabled_keys()}
-            by_scope = {row.scope: row for row in rows}
-            global_row = by_scope.get(GLOBAL_SCOPE)
-            global_config = self.config_of(global_row)
-            global_period = self.period(global_config, now)
+            # The key rows of the scopes rewritten stay locked until the rewrite is done: an
+            # enable or disable meanwhile (written to Redis before its commit) waits and is
+            # written after it, never overwritten by the state read here.
+            budgeted_keys = [row.key_id for row in rows if row.key_id is not None]
+            async with self.repository.disabled_keys_locked(also=budgeted_keys) as disabled_ids:
+                disabled = {str(k) for k in disabled_ids}
+                by_scope = {row.scope: row for row in rows}
+                global_row = by_scope.get(GLOBAL_SCOPE)
+                global_config = self.config_of(global_row)
+                global_period = self.period(global_config, now)
 
-            scopes: list[tuple[str, BudgetRow | None, ScopeConfig]] = [(GLOBAL_SCOPE, global_row, global_config)]
-            for row in rows:
-                if row.key_id is not None:
-                    scopes.append((row.scope, row, self.config_of(row)))
-            budgeted = {row.scope for row in rows}
-            for key_id in disabled:
-                if key_scope(key_id) not in budgeted:
-                    scopes.append((key_scope(key_id), None, self.default))
+                scopes: list[tuple[str, BudgetRow | None, ScopeConfig]] = [(GLOBAL_SCOPE, global_row, global_config)]
+                for row in rows:
+                    if row.key_id is not None:
+                        scopes.append((row.scope, row, self.config_of(row)))
+                budgeted = {row.scope for row in rows}
+                for key_id in disabled:
+                    if key_scope(key_id) not in budgeted:
+                        scopes.append((key_scope(key_id), None, self.default))
 
-            # Spend per scope (one query per distinct period) and per provider, all read in one
-            # database snapshot. Settlements from the rebuild's start on are logged (ingest hands
-            # spend over after its commit, so spend can arrive before or after the snapshot holds
-            # it): the rewrite adds what the snapshot misses, and no counter gets anything twice.
-            await self.store.begin_rebuild(int(time.time() * 1000) + _REBUILD_LOG_MS)
-            spend: dict[str, int] = {}
-            groups: dict[tuple[str, str], list[str]] = {}
-            for scope, _row, config in scopes:
-                groups.setdefault((config.period, config.tz), []).append(scope)
-            async with self.repository.snapshot() as (conn, snapshot):
-                for (kind, tz), members in groups.items():
-                    period = self.period(ScopeConfig(kind, tz), now)
-                    key_ids = [uuid.UUID(s.removeprefix("key:")) for s in members if s != GLOBAL_SCOPE]
-                    if GLOBAL_SCOPE in members:
-                        spend[GLOBAL_SCOPE] = (await self.repository.spend(period.start, None, conn=conn)).get(None, 0)
-                    if key_ids:
-                        sums = await self.repository.spend(
-                            period.start, None, group_by="key_id", key_ids=key_ids, conn=conn
-                        )
-                        for key_uuid in key_ids:
-                            spend[key_scope(str(key_uuid))] = sums.get(key_uuid, 0)
-                providers = await self.repository.spend(global_period.start, None, group_by="provider", conn=conn)
+                # Spend per scope (one query per distinct period) and per provider, all read in one
+                # database snapshot. Settlements from the rebuild's start on are logged (ingest hands
+                # spend over after its commit, so spend can arrive before or after the snapshot holds
+                # it): the rewrite adds what the snapshot misses, and no counter gets anything twice.
+                await self.store.begin_rebuild(int(time.time() * 1000) + _REBUILD_LOG_MS)
+                spend: dict[str, int] = {}
+                groups: dict[tuple[str, str], list[str]] = {}
+                for scope, _row, config in scopes:
+                    groups.setdefault((config.period, config.tz), []).append(scope)
+                async with self.repository.snapshot() as (conn, snapshot):
+                    for (kind, tz), members in groups.items():
+                        period = self.period(ScopeConfig(kind, tz), now)
+                        key_ids = [uuid.UUID(s.removeprefix("key:")) for s in members if s != GLOBAL_SCOPE]
+                        if GLOBAL_SCOPE in members:
+                            totals = await self.repository.spend(period.start, None, conn=conn)
+                            spend[GLOBAL_SCOPE] = totals.get(None, 0)
+                        if key_ids:
+                            sums = await self.repository.spend(
+                                period.start, None, group_by="key_id", key_ids=key_ids, conn=conn
+                            )
+                            for key_uuid in key_ids:
+                                spend[key_scope(str(key_uuid))] = sums.get(key_uuid, 0)
+                    providers = await self.repository.spend(global_period.start, None, group_by="provider", conn=conn)
 
-            drift_global = 0
-            drift_keys = 0
-            entries = [
-                (
-                    scope,
-                    None if row is None else row.limit_micros,
-                    self.call(scope, config, now),
-                    scope.removeprefix("key:") in disabled,
-                    spend.get(scope, 0),
+                drift_global = 0
+                drift_keys = 0
+                entries = [
+                    (
+                        scope,
+                        None if row is None else row.limit_micros,
+                        self.call(scope, config, now),
+                        scope.removeprefix("key:") in disabled,
+                        spend.get(scope, 0),
+                    )
+                    for scope, row, config in scopes
+                ]
+                for index in range(0, len(entries), _RECONCILE_CHUNK):
+                    chunk = entries[index : index + _RECONCILE_CHUNK]
+                    if index == 0:
+                        drift_global = await self.store.reconcile_chunk(chunk[:1], snapshot)
+                        drift_keys += await self.store.reconcile_chunk(chunk[1:], snapshot)
+                    else:
+                        drift_keys += await self.store.reconcile_chunk(chunk, snapshot)
+                global_call = self.call(GLOBAL_SCOPE, global_config, now)
+                await self.store.finish_reconcile(
+                    now.isoformat(),
+                    provider_key(global_period, global_config.tz),
+                    global_call.expire_at,
+                    {str(name): value for name, value in providers.items() if value},
+                    snapshot,
                 )
-                for scope, row, config in scopes
-            ]
-            for index in range(0, len(entries), _RECONCILE_CHUNK):
-                chunk = entries[index : index + _RECONCILE_CHUNK]
-                if index == 0:
-                    drift_global = await self.store.reconcile_chunk(chunk[:1], snapshot)
-                    drift_keys += await self.store.reconcile_chunk(chunk[1:], snapshot)
-                else:
-                    drift_keys += await self.store.reconcile_chunk(chunk, snapshot)
-            global_call = self.call(GLOBAL_SCOPE, global_config, now)
-            await self.store.finish_reconcile(
-                now.isoformat(),
-                provider_key(global_period, global_config.tz),
-                global_call.expire_at,
-                {str(name): value for name, value in providers.items() if value},
-                snapshot,
-            )
-            self._configs.clear()
-            for scope, _row, config in scopes:
-                self._remember(scope, config)
-            metrics.DRIFT.labels("global").set(drift_global)
-            metrics.DRIFT.labels("keys").set(drift_keys)
-            metrics.RECONCILES.labels(trigger).inc()
-            log.info(
-                "budget counters rebuilt from the database",
-                extra={
-                    "trigger": trigger,
-                    "scopes": len(entries),
-                    "driftMicros": drift_global + drift_keys,
-                    "seconds": round(time.monotonic() - started, 3),
-                },
-            )
-            return len(entries), drift_global + drift_keys
+                self._configs.clear()
+                for scope, _row, config in scopes:
+                    self._remember(scope, config)
+                metrics.DRIFT.labels("global").set(drift_global)
+                metrics.DRIFT.labels("keys").set(drift_keys)
+                metrics.RECONCILES.labels(trigger).inc()
+                log.info(
+                    "budget counters rebuilt from the database",
+                    extra={
+                        "trigger": trigger,
+                        "scopes": len(entries),
+                        "driftMicros": drift_global + drift_keys,
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
+                return len(entries), drift_global + drift_keys
 
     async def measure_drift(self) -> int:
         """Compares Redis with the database for every budget scope (changes nothing); sets the gauge."""

@@ -98,18 +98,18 @@ class BudgetRepository:
             assert row is not None
             return BudgetRow(**row), (None if previous is None else BudgetRow(**previous))
 
-    async def disabled_keys(self) -> list[uuid.UUID]:
-        rows = await self._db.fetch_all("SELECT key_id FROM virtual_keys WHERE NOT enabled")
-        return [row["key_id"] for row in rows]
-
     @asynccontextmanager
-    async def disabled_keys_locked(self) -> AsyncIterator[list[uuid.UUID]]:
-        """The disabled keys, their rows locked (FOR SHARE) until the block ends: an enable or
-        disable of one of them (which writes Redis while its row is locked) waits, so what the
-        block writes to Redis is never an older state over a newer one."""
+    async def disabled_keys_locked(self, also: Sequence[uuid.UUID] = ()) -> AsyncIterator[list[uuid.UUID]]:
+        """The disabled keys, their rows (and those of `also`) locked (FOR SHARE) until the block
+        ends: an enable or disable of one of them (which writes Redis while its row is locked)
+        waits, so what the block writes to Redis is never an older state over a newer one."""
         async with self._db.transaction() as conn:
-            cursor = await conn.execute("SELECT key_id FROM virtual_keys WHERE NOT enabled ORDER BY key_id FOR SHARE")
-            yield [row[0] for row in await cursor.fetchall()]
+            cursor = await conn.execute(
+                """SELECT key_id, enabled FROM virtual_keys WHERE NOT enabled OR key_id = ANY(%s)
+                   ORDER BY key_id FOR SHARE""",
+                (list(also),),
+            )
+            yield [row[0] for row in await cursor.fetchall() if not row[1]]
 
     async def key_names(self, key_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
         if not key_ids:
