@@ -56,6 +56,8 @@ TARGETS = {"p50_ms": 1.0, "p99_ms": 3.0, "per_second": 5000}
 # open_authorize_plus_settle_low_rate, closed_grpc_transport_floor) and sides (grpc, grpc_stream,
 # baseline_redis_evalsha). Default: all of them.
 PHASES = [p for p in os.environ.get("BENCH_BUDGET_PHASES", "").split(",") if p]
+# BENCH_STREAM_INFLIGHT: the stream client's bound on unanswered messages (its default: 3), for
+# comparing bounds back to back.
 SIDES_RUN = [s for s in os.environ.get("BENCH_BUDGET_SIDES", "").split(",") if s]
 
 
@@ -183,12 +185,13 @@ def _stream_load(
     import grpc
 
     from tally.budget.v1 import budget_pb2
-    from tally.clients.request_path import RequestPathClient, RequestPathError
+    from tally.clients.request_path import MAX_MESSAGES_IN_FLIGHT, RequestPathClient, RequestPathError
 
     async def run() -> dict[str, Any]:
         metadata = [("authorization", f"Bearer {master_key}")]
         async with grpc.aio.insecure_channel(address) as channel:
-            client = RequestPathClient(channel, metadata=metadata)
+            bound = int(os.environ.get("BENCH_STREAM_INFLIGHT", MAX_MESSAGES_IN_FLIGHT))
+            client = RequestPathClient(channel, metadata=metadata, max_messages_in_flight=bound)
             tag = uuid.uuid4().hex[:8]
 
             async def call(index: int, n: int) -> tuple[float, float] | None:

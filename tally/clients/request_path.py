@@ -6,14 +6,14 @@ matched to their callers by call id. At most `max_messages_in_flight` messages a
 time: calls made while that many are gather in the next message, which leaves when an earlier one
 is answered or after `max_hold_seconds`, whichever comes first (Nagle's rule, bounded). Every
 message costs the client and the service tens of microseconds of CPU in gRPC, so under load fewer,
-fuller messages mean lower latency; an idle client sends a call at once. A denial or any other per-call error raises
-`RequestPathError` carrying the same `google.rpc.Status` (code, message, QuotaFailure and
-ErrorInfo details) the unary RPC would have ended with. If the stream breaks, the calls waiting on
-it fail with `RequestPathUnavailable`; calls then fail the same way at once for a back-off
-(50 ms, doubling with each failed stream up to 5 s) before a call opens a new stream. Every call
-is idempotent per request id, so a caller may simply retry (or apply its own failure policy).
-Bound each call's wait with `asyncio.timeout` (a call given up on is forgotten; its answer, if it
-comes, is dropped).
+fuller messages mean lower latency; an idle client sends a call at once. A denial or any other
+per-call error raises `RequestPathError` carrying the same `google.rpc.Status` (code, message,
+QuotaFailure and ErrorInfo details) the unary RPC would have ended with. If the stream breaks, the
+calls waiting on it fail with `RequestPathUnavailable`; calls then fail the same way at once for a
+back-off (50 ms, doubling with each failed stream up to 5 s) before a call opens a new stream.
+Every call is idempotent per request id, so a caller may simply retry (or apply its own failure
+policy). Bound each call's wait with `asyncio.timeout` (a call given up on is forgotten; its
+answer, if it comes, is dropped).
 
     async with grpc.aio.insecure_channel("budget:50053") as channel:
         client = RequestPathClient(channel, metadata=[("authorization", f"Bearer {key}")])
