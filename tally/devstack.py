@@ -453,7 +453,9 @@ def local_stack(data_dir: Path, env: dict[str, str]) -> Iterator[Suite]:
     suite = Suite(suite_env, log_dir=data_dir / "logs")
     try:
         pg.start()
-        redis.start()
+        # As docker-compose: an append-only file, so open reservations, the enforcement event
+        # stream and the live counters outlive a restart (tests and benches run without one).
+        redis.start("--appendonly", "yes", "--appendfsync", "everysec")
         if mail is not None:
             mail.log_file = data_dir / "logs" / "mail-sink.log"
             mail.log_file.parent.mkdir(parents=True, exist_ok=True)
