@@ -30,6 +30,7 @@ import redis.asyncio as redis_asyncio
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
 
 from services.budget.app import _utc
 from services.budget.events import BudgetEvent, EventStream, record
@@ -1121,12 +1122,16 @@ async def test_a_recorded_budget_event_reaches_the_stream_once_whatever_fails(
             ids = [await record(conn, crossed), await record(conn, disabled)]
         down = redis_asyncio.Redis.from_url(server.url)
         server.stop()
-        await EventStream(down, down, 1000, database).deliver(ids)  # logged, not raised
+        waiting = EventStream(down, down, 1000, database)
+        await waiting.deliver(ids)  # logged, not raised
+        assert await waiting.relay() == 0  # logged once, not raised
+        assert REGISTRY.get_sample_value("tally_budget_events_pending") == 2
         await down.aclose()
         server.start()
         client = redis_asyncio.Redis.from_url(server.url)
         stream, other_replica = (EventStream(client, client, 1000, database) for _ in range(2))
         assert await stream.relay() == 2
+        assert REGISTRY.get_sample_value("tally_budget_events_pending") == 0
         await stream.deliver(ids)
         assert await other_replica.relay() == 0
         async with database.transaction() as conn:  # as if marking them had failed after the add

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection
+from redis.exceptions import RedisError
 
+from services.budget import metrics
 from services.budget.store import EVENTS_KEY, PREFIX
 from tally.budget.v1 import budget_pb2
 from tally.runtime.db import Database
@@ -126,6 +128,7 @@ class EventStream:
         self._reader = reader  # a client whose socket timeout outlasts BLOCK_MS
         self._maxlen = maxlen
         self._db = db
+        self._relay_failing = False
 
     async def _add(self, row: dict[str, Any]) -> str:
         args = [self._maxlen, ADDED_TTL_SECONDS, *_fields(row)]
@@ -166,13 +169,26 @@ class EventStream:
             log.warning("budget events not yet added to the stream: the relay will", extra={"error": repr(exc)})
 
     async def relay(self) -> int:
-        """Adds every recorded event not yet in the stream; returns how many."""
+        """Adds every recorded event not yet in the stream; returns how many. While Redis is
+        unreachable it logs once (not each pass) and the pending gauge shows the backlog."""
         total = 0
-        while True:
-            added = await self.publish_recorded()
-            total += added
-            if added < RELAY_BATCH:
-                return total
+        try:
+            while True:
+                added = await self.publish_recorded()
+                total += added
+                if added < RELAY_BATCH:
+                    break
+        except (RedisError, OSError) as exc:
+            if not self._relay_failing:
+                log.warning("budget events wait for Redis: the relay retries each second", extra={"error": repr(exc)})
+            self._relay_failing = True
+        else:
+            if self._relay_failing:
+                log.info("budget events relayed again after Redis was unreachable", extra={"events": total})
+            self._relay_failing = False
+        row = await self._db.fetch_one("SELECT count(*) AS n FROM budget_event_outbox WHERE published_at IS NULL")
+        metrics.EVENTS_PENDING.set(row["n"] if row else 0)
+        return total
 
     async def prune(self) -> None:
         """Deletes recorded events added to the stream more than OUTBOX_KEEP_DAYS days ago."""

@@ -28,3 +28,7 @@ BATCH_ITEMS = Histogram(
     ["operation"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096),
 )
+EVENTS_PENDING = Gauge(
+    "tally_budget_events_pending",
+    "Budget events recorded and not yet added to the Redis stream (the relay adds them each second).",
+)
