@@ -36,7 +36,7 @@ from services.budget.app import _utc
 from services.budget.events import BudgetEvent, EventStream, record
 from services.budget.periods import PeriodKind, period_at
 from services.budget.repository import BudgetRepository
-from services.budget.store import EVENTS_KEY, key_scope
+from services.budget.store import DISABLED_KEY, EVENTS_KEY, config_key, key_scope
 from tally.budget.v1 import budget_pb2, budget_pb2_grpc
 from tally.clients.request_path import RequestPathClient, RequestPathError, RequestPathUnavailable
 from tally.devstack import (
@@ -1180,6 +1180,41 @@ def test_an_admin_disable_while_redis_is_down_changes_nothing_until_retried(budg
         wait_until(lambda: events() == [budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED], timeout=10)
         assert client.post(f"/api/admin/virtual-keys/{key_id}/enable", json={}).status_code == 200
         assert client.post("/api/admin/budgets/reconcile", json={}).status_code == 200
+
+
+def test_a_key_left_disabled_in_redis_alone_is_enabled_by_the_sync(budget_stack: BudgetStack) -> None:
+    """A disable whose Redis write went through but whose reply was lost is rolled back in the
+    database and left in Redis: the periodic sync enables the key in Redis again."""
+    key_id = new_key(budget_stack, 100.00)
+    scope = key_scope(key_id)
+    with budget_stack.redis_client() as client:
+        client.hset(config_key(scope), "dis", "1")
+        client.sadd(DISABLED_KEY, scope)
+
+    def authorized() -> bool:
+        try:
+            reply = budget_stack.stub().Authorize(
+                budget_pb2.AuthorizeRequest(key_id=key_id, request_id=uuid.uuid4().hex, estimated_cost_micros=1_000),
+                timeout=10,
+                metadata=budget_stack.auth(),
+            )
+        except grpc.RpcError as denied:
+            if denied.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # only "disabled" until the sync
+                raise
+            return False
+        return bool(reply.allowed)
+
+    wait_until(authorized, timeout=15)
+    with budget_stack.redis_client() as client:
+        assert client.hget(config_key(scope), "dis") is None
+        assert not client.sismember(DISABLED_KEY, scope)
+        # A disabled key is both flagged and listed.
+        with budget_stack.http() as http:
+            assert http.post(f"/api/admin/virtual-keys/{key_id}/disable", json={}).status_code == 200
+        assert client.hget(config_key(scope), "dis") == b"1"
+        assert client.sismember(DISABLED_KEY, scope)
+        with budget_stack.http() as http:
+            assert http.post(f"/api/admin/virtual-keys/{key_id}/enable", json={}).status_code == 200
 
 
 async def test_the_disabled_keys_sync_and_an_enable_never_interleave(database: Database) -> None:

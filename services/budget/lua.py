@@ -7,6 +7,7 @@ Layout (P = "{tally:budget}:"):
                                   restarted since (from an append-only file that may lack the
                                   last second of writes): the budget service rebuilds
   P cfg:<scope>                   hash: per, tz (the period), lim (micro-units; absent = unlimited), dis ("1")
+  P disabled                      set: the scopes whose cfg has dis (so a sync finds one left disabled)
   P c:<scope>:<per>:<tz>:<epoch>  hash: s (settled spend), r (open reservations), micro-units
   P r:<request id>                hash: st (o open, s settled, r released, x expired), k, a, c1, c2, x
   P rexp                          sorted set of open reservations by expiry (ms)
@@ -545,14 +546,15 @@ return before
 """
 
 # Rebuild of many scopes at once (reconcile).
-# KEYS: cfg1, counter1, cfg2, counter2, ...
-# ARGV: per scope 6 values: limit ('' = unlimited), per, tz, disabled ('1'/'0'), spend, counter expire-at
+# KEYS: rebuild, rebuild log, disabled scopes, cfg1, counter1, cfg2, counter2, ...
+# ARGV: the snapshot, then per scope 6 values: limit ('' = unlimited), per, tz, disabled ('1'/'0'),
+# spend, counter expire-at
 # -> {sum of |redis - database| of settled spend, scopes}
 RECONCILE = (
     _HELPERS
     + """
--- KEYS: rebuild, rebuild log, then (config, counter) pairs. ARGV: the rebuild's snapshot, then
--- 6 per pair: limit, per, tz, disabled, spend in the snapshot, counter expire-at.
+-- KEYS: rebuild, rebuild log, disabled scopes, then (config, counter) pairs. ARGV: the rebuild's
+-- snapshot, then 6 per pair: limit, per, tz, disabled, spend in the snapshot, counter expire-at.
 -- A counter becomes its spend in the snapshot plus what was settled since that the snapshot
 -- does not hold (logged by SETTLE). From here on, SETTLE adds nothing the snapshot holds.
 redis.call('HSET', KEYS[1], 'snap', ARGV[1])
@@ -566,14 +568,20 @@ for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   end
 end
 local drift = 0
-local n = (#KEYS - 2) / 2
+local n = (#KEYS - 3) / 2
 for i = 1, n do
-  local c, k = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local c, k = KEYS[2 * i + 2], KEYS[2 * i + 3]
   local a = 1 + 6 * (i - 1)
   redis.call('DEL', c)
   redis.call('HSET', c, 'per', ARGV[a + 2], 'tz', ARGV[a + 3])
   if ARGV[a + 1] ~= '' then redis.call('HSET', c, 'lim', ARGV[a + 1]) end
-  if ARGV[a + 4] == '1' then redis.call('HSET', c, 'dis', '1') end
+  local scope = string.match(c, 'cfg:(.*)$')
+  if ARGV[a + 4] == '1' then
+    redis.call('HSET', c, 'dis', '1')
+    redis.call('SADD', KEYS[3], scope)
+  else
+    redis.call('SREM', KEYS[3], scope)
+  end
   local before = tonumber(redis.call('HGET', k, 's')) or 0
   local after = tonumber(ARGV[a + 5]) + (extra[k] or 0)
   drift = drift + math.abs(before - after)
@@ -625,5 +633,17 @@ return 1
 BEGIN_REBUILD = """
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'until', ARGV[1])
+return 1
+"""
+
+# KEYS: the scope's config, the disabled scopes. ARGV: '1' (disable) or '0', the scope.
+SET_DISABLED = """
+if ARGV[1] == '1' then
+  redis.call('HSET', KEYS[1], 'dis', '1')
+  redis.call('SADD', KEYS[2], ARGV[2])
+else
+  redis.call('HDEL', KEYS[1], 'dis')
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
 return 1
 """

@@ -27,6 +27,9 @@ REBUILD_KEY = PREFIX + "rebuild"
 REBUILD_LOG_KEY = PREFIX + "rebuild:log"
 RESERVATION_PREFIX = PREFIX + "r:"
 EXPIRY_KEY = PREFIX + "rexp"
+# The scopes disabled in Redis (their cfg has dis): the periodic sync finds one the database has
+# enabled (left behind by a write whose reply was lost) and enables it.
+DISABLED_KEY = PREFIX + "disabled"
 # Request ids ingest handed over with no record, a set per hour; and hand-off chunks applied.
 HANDOFF_PREFIX = PREFIX + "h:"
 HANDOFF_DONE_PREFIX = PREFIX + "hd:"
@@ -327,6 +330,7 @@ class BudgetStore:
         self._finish = redis.register_script(lua.FINISH_RECONCILE)
         self._loaded_elsewhere = redis.register_script(lua.LOADED_ELSEWHERE)
         self._begin_rebuild = redis.register_script(lua.BEGIN_REBUILD)
+        self._set_disabled = redis.register_script(lua.SET_DISABLED)
 
     @property
     def is_cluster(self) -> bool:
@@ -668,10 +672,11 @@ class BudgetStore:
         return int(before)
 
     async def set_disabled(self, scope: str, disabled: bool) -> None:
-        if disabled:
-            await self.redis.hset(config_key(scope), "dis", "1")
-        else:
-            await self.redis.hdel(config_key(scope), "dis")
+        await self._set_disabled(keys=[config_key(scope), DISABLED_KEY], args=["1" if disabled else "0", scope])
+
+    async def disabled_scopes(self) -> set[str]:
+        """The scopes disabled in Redis."""
+        return {_text(member) for member in await self.redis.smembers(DISABLED_KEY)}
 
     async def open_reservations(self, global_counter: str, now_ms: int) -> tuple[int, int]:
         """Reservations not yet settled, released or expired (by their expiry time, so ones a
@@ -695,7 +700,7 @@ class BudgetStore:
     ) -> int:
         """Rewrites (scope, limit, call, disabled, spend) entries, the spend read in the database
         `snapshot`; returns the drift in micro-units."""
-        keys: list[str] = [REBUILD_KEY, REBUILD_LOG_KEY]
+        keys: list[str] = [REBUILD_KEY, REBUILD_LOG_KEY, DISABLED_KEY]
         args: list[str | int] = [snapshot]
         for scope, limit, call, disabled, spend in scopes:
             keys += [config_key(scope), call.counter]
@@ -707,7 +712,7 @@ class BudgetStore:
                 spend,
                 call.expire_at,
             ]
-        if len(keys) == 2:
+        if len(keys) == 3:
             return 0
         reply: list[Any] = await self._reconcile(keys=keys, args=args)
         return int(reply[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -80,11 +81,22 @@ class BackgroundTasks:
         engine = self._engine
         await engine.store.sweep()
         await self._events.prune()
-        # Disabled keys are disabled in Redis too (after Redis lost them): with their rows locked,
-        # so an enable meanwhile waits and is not overwritten.
-        async with engine.repository.disabled_keys_locked() as disabled:
-            for key_id in disabled:
-                await engine.store.set_disabled(key_scope(str(key_id)), True)
+        # Redis's disabled keys follow the database's: the disabled ones disabled (after Redis lost
+        # them), and one left disabled in Redis but enabled in the database (a write whose reply
+        # was lost) enabled. With their rows locked, so a change meanwhile waits and is not
+        # overwritten.
+        in_redis = {scope for scope in await engine.store.disabled_scopes() if scope.startswith("key:")}
+        stale_ids = []
+        for scope in in_redis:
+            with contextlib.suppress(ValueError):
+                stale_ids.append(uuid.UUID(scope.removeprefix("key:")))
+        async with engine.repository.disabled_keys_locked(also=stale_ids) as disabled:
+            scopes = {key_scope(str(key_id)) for key_id in disabled}
+            for scope in scopes:
+                await engine.store.set_disabled(scope, True)
+            for scope in in_redis - scopes:
+                log.warning("a key enabled in the database was disabled in Redis: enabled", extra={"scope": scope})
+                await engine.store.set_disabled(scope, False)
         now = datetime.now(UTC)
         for row in await engine.repository.budgets():
             config = engine.config_of(row)
