@@ -1144,6 +1144,17 @@ async def test_a_recorded_budget_event_reaches_the_stream_once_whatever_fails(
         ]
         rows = await database.fetch_all("SELECT stream_id FROM budget_event_outbox ORDER BY id")
         assert [r["stream_id"] for r in rows] == [e[0].decode() for e in entries]
+        # A key's events keep their order: adding a later one adds an earlier one still pending
+        # first (its immediate add failed; an enable was decided after it).
+        enabled = BudgetEvent(budget_pb2.BUDGET_EVENT_TYPE_KEY_ENABLED, "key:k", "k", 0.0, 0, 0, "enabled")
+        async with database.transaction() as conn:
+            pending = await record(conn, disabled)
+        async with database.transaction() as conn:
+            later = await record(conn, enabled)
+        await stream.deliver([later])
+        tail: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(EVENTS_KEY)  # type: ignore[assignment]
+        assert [e[1][b"message"] for e in tail[2:]] == [b"disabled", b"enabled"]
+        assert pending < later
         await client.aclose()
     finally:
         server.stop()

@@ -145,8 +145,9 @@ def test_make_run_starts_a_process_that_exits_again_with_a_growing_delay() -> No
     stop = threading.Event()
 
     def respawn(name: str) -> None:
-        respawned.append((name, time.monotonic()))
+        at = time.monotonic()
         processes[name] = sleeper()
+        respawned.append((name, at))  # after the new process is in place: the test kills that one next
 
     thread = threading.Thread(
         target=supervise,

@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import redis.exceptions
+from psycopg import AsyncConnection
 
 from services.budget import metrics
 from services.budget.batching import Coalescer
@@ -822,93 +823,104 @@ class BudgetEngine:
             started = time.monotonic()
             now = datetime.now(UTC)
             rows = await self.repository.budgets()
-            # The key rows of the scopes rewritten stay locked until the rewrite is done: an
-            # enable or disable meanwhile (written to Redis before its commit) waits and is
-            # written after it, never overwritten by the state read here.
+            by_scope = {row.scope: row for row in rows}
+            global_row = by_scope.get(GLOBAL_SCOPE)
+            global_config = self.config_of(global_row)
+            global_period = self.period(global_config, now)
+            scopes: list[tuple[str, BudgetRow | None, ScopeConfig]] = [(GLOBAL_SCOPE, global_row, global_config)]
+            for row in rows:
+                if row.key_id is not None:
+                    scopes.append((row.scope, row, self.config_of(row)))
             budgeted_keys = [row.key_id for row in rows if row.key_id is not None]
-            async with self.repository.disabled_keys_locked(also=budgeted_keys) as disabled_ids:
-                disabled = {str(k) for k in disabled_ids}
-                by_scope = {row.scope: row for row in rows}
-                global_row = by_scope.get(GLOBAL_SCOPE)
-                global_config = self.config_of(global_row)
-                global_period = self.period(global_config, now)
 
-                scopes: list[tuple[str, BudgetRow | None, ScopeConfig]] = [(GLOBAL_SCOPE, global_row, global_config)]
-                for row in rows:
-                    if row.key_id is not None:
-                        scopes.append((row.scope, row, self.config_of(row)))
-                budgeted = {row.scope for row in rows}
-                for key_id in disabled:
-                    if key_scope(key_id) not in budgeted:
-                        scopes.append((key_scope(key_id), None, self.default))
-
-                # Spend per scope (one query per distinct period) and per provider, all read in one
-                # database snapshot. Settlements from the rebuild's start on are logged (ingest hands
-                # spend over after its commit, so spend can arrive before or after the snapshot holds
-                # it): the rewrite adds what the snapshot misses, and no counter gets anything twice.
-                await self.store.begin_rebuild(int(time.time() * 1000) + _REBUILD_LOG_MS)
-                spend: dict[str, int] = {}
-                groups: dict[tuple[str, str], list[str]] = {}
-                for scope, _row, config in scopes:
-                    groups.setdefault((config.period, config.tz), []).append(scope)
-                async with self.repository.snapshot() as (conn, snapshot):
-                    for (kind, tz), members in groups.items():
-                        period = self.period(ScopeConfig(kind, tz), now)
-                        key_ids = [uuid.UUID(s.removeprefix("key:")) for s in members if s != GLOBAL_SCOPE]
-                        if GLOBAL_SCOPE in members:
-                            totals = await self.repository.spend(period.start, None, conn=conn)
-                            spend[GLOBAL_SCOPE] = totals.get(None, 0)
-                        if key_ids:
-                            sums = await self.repository.spend(
-                                period.start, None, group_by="key_id", key_ids=key_ids, conn=conn
-                            )
-                            for key_uuid in key_ids:
-                                spend[key_scope(str(key_uuid))] = sums.get(key_uuid, 0)
-                    providers = await self.repository.spend(global_period.start, None, group_by="provider", conn=conn)
-
-                drift_global = 0
-                drift_keys = 0
-                entries = [
-                    (
-                        scope,
-                        None if row is None else row.limit_micros,
-                        self.call(scope, config, now),
-                        scope.removeprefix("key:") in disabled,
-                        spend.get(scope, 0),
-                    )
-                    for scope, row, config in scopes
+            # Spend per scope (one query per distinct period) and per provider, all read in one
+            # database snapshot. Settlements from the rebuild's start on are logged (ingest hands
+            # spend over after its commit, so spend can arrive before or after the snapshot holds
+            # it): the rewrite adds what the snapshot misses, and no counter gets anything twice.
+            await self.store.begin_rebuild(int(time.time() * 1000) + _REBUILD_LOG_MS)
+            async with self.repository.snapshot() as (conn, snapshot):
+                disabled_before = await self.repository.disabled_key_ids(conn)
+                named = {scope for scope, _, _ in scopes}
+                scopes += [
+                    (key_scope(str(k)), None, self.default) for k in disabled_before if key_scope(str(k)) not in named
                 ]
-                for index in range(0, len(entries), _RECONCILE_CHUNK):
-                    chunk = entries[index : index + _RECONCILE_CHUNK]
-                    if index == 0:
-                        drift_global = await self.store.reconcile_chunk(chunk[:1], snapshot)
-                        drift_keys += await self.store.reconcile_chunk(chunk[1:], snapshot)
-                    else:
-                        drift_keys += await self.store.reconcile_chunk(chunk, snapshot)
-                global_call = self.call(GLOBAL_SCOPE, global_config, now)
-                await self.store.finish_reconcile(
-                    now.isoformat(),
-                    provider_key(global_period, global_config.tz),
-                    global_call.expire_at,
-                    {str(name): value for name, value in providers.items() if value},
-                    snapshot,
-                )
-                self._configs.clear()
-                for scope, _row, config in scopes:
-                    self._remember(scope, config)
-                metrics.DRIFT.labels("global").set(drift_global)
-                metrics.DRIFT.labels("keys").set(drift_keys)
-                metrics.RECONCILES.labels(trigger).inc()
-                log.info(
-                    "budget counters rebuilt from the database",
-                    extra={
-                        "trigger": trigger,
-                        "scopes": len(entries),
-                        "driftMicros": drift_global + drift_keys,
-                        "seconds": round(time.monotonic() - started, 3),
-                    },
-                )
-                return len(entries), drift_global + drift_keys
+                spend = await self._spend_in(conn, scopes, now)
+                providers = await self.repository.spend(global_period.start, None, group_by="provider", conn=conn)
+                # The key rows rewritten stay locked while Redis is rewritten (only then: the
+                # spend is read above): an enable or disable meanwhile (written to Redis before
+                # its commit) waits and is written after it, never overwritten by a state read
+                # before it.
+                also = [*budgeted_keys, *disabled_before]
+                async with self.repository.disabled_keys_locked(also=also) as disabled_ids:
+                    disabled = {str(k) for k in disabled_ids}
+                    named = {scope for scope, _, _ in scopes}
+                    later = [(key_scope(k), None, self.default) for k in disabled if key_scope(k) not in named]
+                    if later:  # disabled since the snapshot's read of the disabled keys
+                        spend.update(await self._spend_in(conn, later, now))
+                        scopes += later
+                    entries = [
+                        (
+                            scope,
+                            None if row is None else row.limit_micros,
+                            self.call(scope, config, now),
+                            scope.removeprefix("key:") in disabled,
+                            spend.get(scope, 0),
+                        )
+                        for scope, row, config in scopes
+                    ]
+                    drift_global = 0
+                    drift_keys = 0
+                    for index in range(0, len(entries), _RECONCILE_CHUNK):
+                        chunk = entries[index : index + _RECONCILE_CHUNK]
+                        if index == 0:
+                            drift_global = await self.store.reconcile_chunk(chunk[:1], snapshot)
+                            drift_keys += await self.store.reconcile_chunk(chunk[1:], snapshot)
+                        else:
+                            drift_keys += await self.store.reconcile_chunk(chunk, snapshot)
+                    global_call = self.call(GLOBAL_SCOPE, global_config, now)
+                    await self.store.finish_reconcile(
+                        now.isoformat(),
+                        provider_key(global_period, global_config.tz),
+                        global_call.expire_at,
+                        {str(name): value for name, value in providers.items() if value},
+                        snapshot,
+                    )
+            self._configs.clear()
+            for scope, _row, config in scopes:
+                self._remember(scope, config)
+            metrics.DRIFT.labels("global").set(drift_global)
+            metrics.DRIFT.labels("keys").set(drift_keys)
+            metrics.RECONCILES.labels(trigger).inc()
+            log.info(
+                "budget counters rebuilt from the database",
+                extra={
+                    "trigger": trigger,
+                    "scopes": len(entries),
+                    "driftMicros": drift_global + drift_keys,
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
+            return len(entries), drift_global + drift_keys
+
+    async def _spend_in(
+        self, conn: AsyncConnection[Any], scopes: Sequence[tuple[str, BudgetRow | None, ScopeConfig]], now: datetime
+    ) -> dict[str, int]:
+        """Settled spend of each scope's current period, read on `conn` (one query per period)."""
+        spend: dict[str, int] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for scope, _row, config in scopes:
+            groups.setdefault((config.period, config.tz), []).append(scope)
+        for (kind, tz), members in groups.items():
+            period = self.period(ScopeConfig(kind, tz), now)
+            key_ids = [uuid.UUID(s.removeprefix("key:")) for s in members if s != GLOBAL_SCOPE]
+            if GLOBAL_SCOPE in members:
+                totals = await self.repository.spend(period.start, None, conn=conn)
+                spend[GLOBAL_SCOPE] = totals.get(None, 0)
+            if key_ids:
+                sums = await self.repository.spend(period.start, None, group_by="key_id", key_ids=key_ids, conn=conn)
+                for key_uuid in key_ids:
+                    spend[key_scope(str(key_uuid))] = sums.get(key_uuid, 0)
+        return spend
 
     async def measure_drift(self) -> int:
         """Compares Redis with the database for every budget scope (changes nothing); sets the gauge."""

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from redis.exceptions import RedisError
+
 from services.budget import metrics
 from services.budget.alerts import AlertConfig
 from services.budget.events import BudgetEvent, EventStream, record
@@ -125,7 +127,11 @@ class Evaluator:
             mark = (spend.scope, spend.period.start_epoch, kind, threshold)
             if mark in self._fired:
                 continue
-            await self._fire(spend, kind, threshold, actions, recipients, channels, urgency, message)
+            try:
+                await self._fire(spend, kind, threshold, actions, recipients, channels, urgency, message)
+            except Exception:  # the next settle tries it again; the other thresholds go on
+                log.exception("budget alert not fired", extra={"scope": spend.scope, "kind": kind})
+                continue
             if len(self._fired) > _MAX_FIRED_CACHE:
                 self._fired.clear()
             self._fired.add(mark)
@@ -213,8 +219,16 @@ class Evaluator:
                 events.append(await record(conn, disabled))
                 # In Redis before the commit, while the key's row is locked (as an admin's
                 # disable): an enable right after it is not overwritten, and a subscriber acting
-                # on KEY_DISABLED finds the key disabled.
-                await self._store.set_disabled(key_scope(spend.key_id), True)
+                # on KEY_DISABLED finds the key disabled. If Redis fails, the alert still fires
+                # (nothing would evaluate it again once the key is denied): the periodic sync of
+                # disabled keys disables it in Redis.
+                try:
+                    await self._store.set_disabled(key_scope(spend.key_id), True)
+                except (RedisError, OSError) as exc:
+                    log.warning(
+                        "key disabled in the database; Redis follows at the next sync",
+                        extra={"scope": spend.scope, "error": repr(exc)},
+                    )
         metrics.ALERTS_FIRED.labels(kind).inc()
         log.warning("budget alert fired", extra={"scope": spend.scope, "kind": kind, "threshold": threshold})
         if notifications:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 from redis.exceptions import RedisError
 
 from services.budget import metrics
@@ -47,6 +48,8 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV,
 redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
 return id
 """
+# Publishers of recorded events take this advisory lock (pg_advisory_xact_lock), one at a time.
+PUBLISH_LOCK = 7_406_391_045
 _COLUMNS = "id, created_at, type, scope, key_id, threshold, spend_micros, limit_micros, message"
 
 
@@ -135,36 +138,44 @@ class EventStream:
         entry = await self._redis.eval(_ADD_ONCE, 2, EVENTS_KEY, _marker(row), *args)
         return _text(entry)
 
-    async def publish_recorded(self, ids: Sequence[int] | None = None) -> int:
-        """Adds the recorded events not yet in the stream (those of `ids`, or the oldest
-        RELAY_BATCH of all), oldest first; returns how many were added. Raises on the first
-        failure, after noting those added before it."""
-        where = "published_at IS NULL" + (" AND id = ANY(%(ids)s)" if ids is not None else "")
-        rows = await self._db.fetch_all(
-            f"SELECT {_COLUMNS} FROM budget_event_outbox WHERE {where} ORDER BY id LIMIT %(limit)s",  # noqa: S608 (constants)
-            {"ids": list(ids or ()), "limit": RELAY_BATCH},
-        )
+    async def publish_recorded(self, upto: int | None = None) -> int:
+        """Adds the recorded events not yet in the stream, oldest first: those up to id `upto`, or
+        the oldest RELAY_BATCH. One publisher at a time (an advisory lock), so a key's events
+        reach the stream in the order they were decided (its row lock orders them, and their
+        ids with them). Returns how many were added; raises the first failure, after noting
+        those added before it."""
+        failure: BaseException | None = None
         added: list[tuple[int, str]] = []
-        try:
-            for row in rows:
-                added.append((row["id"], await self._add(row)))
-        finally:
+        async with self._db.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK,))
+            where = "published_at IS NULL" + (" AND id <= %(upto)s" if upto is not None else "")
+            await cur.execute(
+                f"SELECT {_COLUMNS} FROM budget_event_outbox WHERE {where} ORDER BY id LIMIT %(limit)s",  # noqa: S608 (constants)
+                {"upto": upto, "limit": RELAY_BATCH},
+            )
+            for row in await cur.fetchall():
+                try:
+                    added.append((row["id"], await self._add(row)))
+                except Exception as exc:
+                    failure = exc
+                    break
             if added:
-                async with self._db.transaction() as conn:
-                    await conn.execute(
-                        """UPDATE budget_event_outbox o SET stream_id = a.entry, published_at = now()
-                           FROM unnest(%s::bigint[], %s::text[]) AS a (id, entry) WHERE o.id = a.id""",
-                        ([i for i, _ in added], [e for _, e in added]),
-                    )
+                await cur.execute(
+                    """UPDATE budget_event_outbox o SET stream_id = a.entry, published_at = now()
+                       FROM unnest(%s::bigint[], %s::text[]) AS a (id, entry) WHERE o.id = a.id""",
+                    ([i for i, _ in added], [e for _, e in added]),
+                )
+        if failure is not None:
+            raise failure
         return len(added)
 
     async def deliver(self, ids: Sequence[int]) -> None:
-        """Adds just-recorded events at once; a failure is logged, never raised (the relay adds
-        them later)."""
+        """Adds just-recorded events (and any older one not added yet) at once; a failure is
+        logged, never raised (the relay adds them later)."""
         if not ids:
             return
         try:
-            await self.publish_recorded(ids)
+            await self.publish_recorded(max(ids))
         except Exception as exc:
             log.warning("budget events not yet added to the stream: the relay will", extra={"error": repr(exc)})
 

@@ -98,6 +98,11 @@ class BudgetRepository:
             assert row is not None
             return BudgetRow(**row), (None if previous is None else BudgetRow(**previous))
 
+    async def disabled_key_ids(self, conn: AsyncConnection[Any]) -> list[uuid.UUID]:
+        """The disabled keys, read on `conn` (a rebuild's snapshot)."""
+        cursor = await conn.execute("SELECT key_id FROM virtual_keys WHERE NOT enabled")
+        return [row[0] for row in await cursor.fetchall()]
+
     @asynccontextmanager
     async def disabled_keys_locked(self, also: Sequence[uuid.UUID] = ()) -> AsyncIterator[list[uuid.UUID]]:
         """The disabled keys, their rows (and those of `also`) locked (FOR SHARE) until the block
