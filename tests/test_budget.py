@@ -32,7 +32,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
+from services.budget.alerts import AlertConfig
 from services.budget.app import _utc
+from services.budget.evaluator import Evaluator, ScopeSpend
 from services.budget.events import BudgetEvent, EventStream, record
 from services.budget.periods import PeriodKind, period_at
 from services.budget.repository import BudgetRepository
@@ -1226,6 +1228,49 @@ def test_a_key_left_disabled_in_redis_alone_is_enabled_by_the_sync(budget_stack:
         assert client.sismember(DISABLED_KEY, scope)
         with budget_stack.http() as http:
             assert http.post(f"/api/admin/virtual-keys/{key_id}/enable", json={}).status_code == 200
+
+
+async def test_a_disable_key_alert_fires_even_when_redis_refuses_the_disable(database: Database) -> None:
+    """The key is disabled in the database with its alert and events, even if Redis refuses the
+    disable (the sync applies it there); a failed threshold would not stop the next ones."""
+
+    class RefusingStore:
+        async def set_disabled(self, scope: str, disabled: bool) -> None:
+            raise redis_py.ConnectionError("Connection refused")
+
+    class Events:
+        def __init__(self) -> None:
+            self.delivered: list[int] = []
+
+        async def deliver(self, ids: list[int]) -> None:
+            self.delivered.extend(ids)
+
+    repository = BudgetRepository(database)
+    key_id = uuid.uuid4()
+    async with database.transaction() as conn:
+        await conn.execute("INSERT INTO virtual_keys (key_id, key_name) VALUES (%s, 'k')", (key_id,))
+    events = Events()
+    store: Any = RefusingStore()
+    stream: Any = events
+    evaluator = Evaluator(Settings(), database, repository, store, stream, lambda: None)
+    config = AlertConfig(key_enabled=True, key_thresholds=(0.5, 0.8), key_actions={"0.5": ("disable_key",)})
+    evaluator.use_config(config)
+    period = period_at(PeriodKind.MONTHLY, ZoneInfo("UTC"), datetime.now(UTC))
+    scope = key_scope(str(key_id))
+    await evaluator.on_spend(ScopeSpend(scope, str(key_id), period, 85, 100))
+    fired = await database.fetch_all(
+        "SELECT threshold::float8 AS threshold FROM budget_alerts_fired WHERE scope = %s ORDER BY 1", (scope,)
+    )
+    assert [row["threshold"] for row in fired] == [0.5, 0.8]
+    enabled = await database.fetch_one("SELECT enabled FROM virtual_keys WHERE key_id = %s", (key_id,))
+    assert enabled == {"enabled": False}
+    recorded = await database.fetch_all("SELECT type FROM budget_event_outbox ORDER BY id")
+    assert [row["type"] for row in recorded] == [
+        budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED,
+        budget_pb2.BUDGET_EVENT_TYPE_KEY_DISABLED,
+        budget_pb2.BUDGET_EVENT_TYPE_THRESHOLD_CROSSED,
+    ]
+    assert len(events.delivered) == 3
 
 
 async def test_the_disabled_keys_sync_and_an_enable_never_interleave(database: Database) -> None:
