@@ -840,10 +840,7 @@ class BudgetEngine:
             await self.store.begin_rebuild(int(time.time() * 1000) + _REBUILD_LOG_MS)
             async with self.repository.snapshot() as (conn, snapshot):
                 disabled_before = await self.repository.disabled_key_ids(conn)
-                named = {scope for scope, _, _ in scopes}
-                scopes += [
-                    (key_scope(str(k)), None, self.default) for k in disabled_before if key_scope(str(k)) not in named
-                ]
+                scopes += self._unlisted(scopes, disabled_before)
                 spend = await self._spend_in(conn, scopes, now)
                 providers = await self.repository.spend(global_period.start, None, group_by="provider", conn=conn)
                 # The key rows rewritten stay locked while Redis is rewritten (only then: the
@@ -853,8 +850,7 @@ class BudgetEngine:
                 also = [*budgeted_keys, *disabled_before]
                 async with self.repository.disabled_keys_locked(also=also) as disabled_ids:
                     disabled = {str(k) for k in disabled_ids}
-                    named = {scope for scope, _, _ in scopes}
-                    later = [(key_scope(k), None, self.default) for k in disabled if key_scope(k) not in named]
+                    later = self._unlisted(scopes, disabled_ids)
                     if later:  # disabled since the snapshot's read of the disabled keys
                         spend.update(await self._spend_in(conn, later, now))
                         scopes += later
@@ -901,6 +897,13 @@ class BudgetEngine:
                 },
             )
             return len(entries), drift_global + drift_keys
+
+    def _unlisted(
+        self, scopes: Sequence[tuple[str, BudgetRow | None, ScopeConfig]], key_ids: Iterable[uuid.UUID]
+    ) -> list[tuple[str, BudgetRow | None, ScopeConfig]]:
+        """The scopes (with no budget: the default period) of the keys not among `scopes`."""
+        listed = {scope for scope, _, _ in scopes}
+        return [(key_scope(str(k)), None, self.default) for k in key_ids if key_scope(str(k)) not in listed]
 
     async def _spend_in(
         self, conn: AsyncConnection[Any], scopes: Sequence[tuple[str, BudgetRow | None, ScopeConfig]], now: datetime

@@ -92,7 +92,7 @@ class BackgroundTasks:
                 stale_ids.append(uuid.UUID(scope.removeprefix("key:")))
         async with engine.repository.disabled_keys_locked(also=stale_ids) as disabled:
             scopes = {key_scope(str(key_id)) for key_id in disabled}
-            for scope in scopes:
+            for scope in scopes - in_redis:  # a listed scope has its flag (one script sets both)
                 await engine.store.set_disabled(scope, True)
             for scope in in_redis - scopes:
                 log.warning("a key enabled in the database was disabled in Redis: enabled", extra={"scope": scope})

@@ -14,9 +14,11 @@ from tally.runtime import context
 from tally.runtime.config import Settings
 from tally.runtime.errors import DeadlineExceeded
 
-# Below this many milliseconds a statement cannot usefully start.
+# Longest wait for a pooled connection (PostgreSQL down: fail within seconds, not at the deadline).
 _POOL_WAIT_SECONDS = 5.0
+# How long the pool's background reconnection tries before giving up (the next call tries anew).
 _RECONNECT_SECONDS = 2.0
+# Below this many milliseconds a statement cannot usefully start.
 _MIN_STATEMENT_MS = 5
 
 
